@@ -1,0 +1,356 @@
+//! The control API: JSON over HTTP/1.1 on a unix socket, so `curl --unix-socket` works.
+//!
+//! | method | path | effect |
+//! |---|---|---|
+//! | GET | /api/v1/vm.info | `{"state": "running"|"paused", "vcpus", "memory_mib", "platform_quirks"}` |
+//! | PUT | /api/v1/vm.pause | stops the vCPUs (204) |
+//! | PUT | /api/v1/vm.resume | restarts them (204) |
+//! | PUT | /api/v1/vm.shutdown | ends the VMM with a clean teardown (204) |
+//!
+//! The API thread only parses and answers; the event loop owns the VM and acts.
+
+use std::io::{Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use serde::Serialize;
+use vmm_sys_util::eventfd::EventFd;
+
+const API_PREFIX: &str = "/api/v1/";
+/// Requests are small; anything bigger is a client bug or an attack.
+const MAX_REQUEST_BYTES: usize = 64 * 1024;
+const MAX_HEADERS: usize = 32;
+/// How long a connection may sit idle mid-request.
+const READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ApiRequest {
+    Info,
+    Pause,
+    Resume,
+    Shutdown,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct VmInfo {
+    pub state: &'static str,
+    pub vcpus: u8,
+    pub memory_mib: u32,
+    pub platform_quirks: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ApiResponse {
+    Info(VmInfo),
+    Done,
+    Error { status: u16, message: String },
+}
+
+/// A request on its way to the event loop, with the channel for its answer.
+pub struct ApiCall {
+    pub request: ApiRequest,
+    pub reply: mpsc::SyncSender<ApiResponse>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("api socket {path}: {source}")]
+    Bind {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "api socket {0}: another process is listening on it (is another VMM using this path?)"
+    )]
+    InUse(PathBuf),
+}
+
+/// The bound socket file; removed when dropped, on every way out of the VMM.
+pub struct ApiSocket {
+    path: PathBuf,
+    listener: Option<UnixListener>,
+}
+
+impl ApiSocket {
+    pub fn bind(path: &Path) -> Result<Self, ApiError> {
+        let bind_err = |source| ApiError::Bind {
+            path: path.into(),
+            source,
+        };
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(bind_err)?;
+        }
+        if path.exists() {
+            // A socket left by a VMM that was killed is stale; a live one is not ours.
+            if UnixStream::connect(path).is_ok() {
+                return Err(ApiError::InUse(path.into()));
+            }
+            std::fs::remove_file(path).map_err(bind_err)?;
+        }
+        let listener = UnixListener::bind(path).map_err(bind_err)?;
+        Ok(Self {
+            path: path.into(),
+            listener: Some(listener),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Starts the API thread. Requests go to `calls`; `wake` tells the event loop.
+    pub fn serve(
+        &mut self,
+        calls: mpsc::Sender<ApiCall>,
+        wake: EventFd,
+    ) -> std::io::Result<std::thread::JoinHandle<()>> {
+        let listener = self.listener.take().expect("serve is called once");
+        std::thread::Builder::new()
+            .name("api".into())
+            .spawn(move || {
+                for stream in listener.incoming().flatten() {
+                    if let Err(e) = serve_connection(stream, &calls, &wake) {
+                        log::debug!("api connection: {e}");
+                    }
+                }
+            })
+    }
+}
+
+impl Drop for ApiSocket {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+struct HttpRequest {
+    method: String,
+    path: String,
+    keep_alive: bool,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+struct HttpError(u16, String);
+
+/// Parses one request from the front of `buf`: `Ok(None)` if more bytes are needed,
+/// else the request and how many bytes it used.
+fn parse_request(buf: &[u8]) -> Result<Option<(HttpRequest, usize)>, HttpError> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut headers);
+    let head_len = match req.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(e) => return Err(HttpError(400, format!("malformed HTTP request: {e}"))),
+    };
+    let header = |name: &str| {
+        req.headers
+            .iter()
+            .find(|h| h.name.eq_ignore_ascii_case(name))
+            .map(|h| String::from_utf8_lossy(h.value).trim().to_ascii_lowercase())
+    };
+    let body_len = match header("content-length") {
+        Some(v) => v
+            .parse::<usize>()
+            .map_err(|_| HttpError(400, format!("bad Content-Length {v:?}")))?,
+        None => 0,
+    };
+    if head_len + body_len > MAX_REQUEST_BYTES {
+        return Err(HttpError(413, "request larger than 64 KiB".into()));
+    }
+    if buf.len() < head_len + body_len {
+        return Ok(None);
+    }
+    let keep_alive = header("connection").as_deref() != Some("close") && req.version == Some(1);
+    Ok(Some((
+        HttpRequest {
+            method: req.method.unwrap_or_default().to_string(),
+            path: req.path.unwrap_or_default().to_string(),
+            keep_alive,
+        },
+        head_len + body_len,
+    )))
+}
+
+fn route(method: &str, path: &str) -> Result<ApiRequest, HttpError> {
+    let action = path.strip_prefix(API_PREFIX).ok_or_else(|| {
+        HttpError(
+            404,
+            format!("{path}: not found; the API lives under {API_PREFIX}"),
+        )
+    })?;
+    let (request, expected) = match action {
+        "vm.info" => (ApiRequest::Info, "GET"),
+        "vm.pause" => (ApiRequest::Pause, "PUT"),
+        "vm.resume" => (ApiRequest::Resume, "PUT"),
+        "vm.shutdown" => (ApiRequest::Shutdown, "PUT"),
+        _ => {
+            return Err(HttpError(
+                404,
+                format!("{path}: no such endpoint (vm.info, vm.pause, vm.resume, vm.shutdown)"),
+            ))
+        }
+    };
+    if method != expected {
+        return Err(HttpError(
+            405,
+            format!("{path} takes {expected}, not {method}"),
+        ));
+    }
+    Ok(request)
+}
+
+fn reason_phrase(status: u16) -> &'static str {
+    match status {
+        200 => "OK",
+        204 => "No Content",
+        400 => "Bad Request",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        409 => "Conflict",
+        413 => "Payload Too Large",
+        503 => "Service Unavailable",
+        _ => "Internal Server Error",
+    }
+}
+
+fn write_response(
+    stream: &mut UnixStream,
+    status: u16,
+    body: Option<String>,
+) -> std::io::Result<()> {
+    let body = body.unwrap_or_default();
+    let mut head = format!("HTTP/1.1 {status} {}\r\n", reason_phrase(status));
+    if !body.is_empty() {
+        head.push_str("Content-Type: application/json\r\n");
+    }
+    head.push_str(&format!("Content-Length: {}\r\n\r\n", body.len()));
+    stream.write_all(head.as_bytes())?;
+    stream.write_all(body.as_bytes())
+}
+
+fn error_body(message: &str) -> Option<String> {
+    Some(serde_json::json!({ "error": message }).to_string())
+}
+
+fn serve_connection(
+    mut stream: UnixStream,
+    calls: &mpsc::Sender<ApiCall>,
+    wake: &EventFd,
+) -> std::io::Result<()> {
+    stream.set_read_timeout(Some(READ_TIMEOUT))?;
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let parsed = match parse_request(&buf) {
+            Ok(p) => p,
+            Err(HttpError(status, msg)) => {
+                return write_response(&mut stream, status, error_body(&msg));
+            }
+        };
+        let Some((req, used)) = parsed else {
+            if buf.len() >= MAX_REQUEST_BYTES {
+                return write_response(&mut stream, 413, error_body("request too large"));
+            }
+            let n = stream.read(&mut chunk)?;
+            if n == 0 {
+                return Ok(());
+            }
+            buf.extend_from_slice(&chunk[..n]);
+            continue;
+        };
+        buf.drain(..used);
+        let (status, body) = match route(&req.method, &req.path) {
+            Err(HttpError(status, msg)) => (status, error_body(&msg)),
+            Ok(request) => match call(request, calls, wake) {
+                ApiResponse::Info(info) => (200, serde_json::to_string(&info).ok()),
+                ApiResponse::Done => (204, None),
+                ApiResponse::Error { status, message } => (status, error_body(&message)),
+            },
+        };
+        write_response(&mut stream, status, body)?;
+        if !req.keep_alive {
+            return Ok(());
+        }
+    }
+}
+
+fn call(request: ApiRequest, calls: &mpsc::Sender<ApiCall>, wake: &EventFd) -> ApiResponse {
+    let unavailable = || ApiResponse::Error {
+        status: 503,
+        message: "the VMM is shutting down".into(),
+    };
+    let (reply, answer) = mpsc::sync_channel(1);
+    if calls.send(ApiCall { request, reply }).is_err() || wake.write(1).is_err() {
+        return unavailable();
+    }
+    answer.recv().unwrap_or_else(|_| unavailable())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_pipelined_requests_and_waits_for_whole_bodies() {
+        let two = b"GET /api/v1/vm.info HTTP/1.1\r\nHost: x\r\n\r\nPUT /api/v1/vm.pause HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}";
+        let (first, used) = parse_request(two).unwrap().unwrap();
+        assert_eq!(
+            (first.method.as_str(), first.path.as_str()),
+            ("GET", "/api/v1/vm.info")
+        );
+        assert!(first.keep_alive);
+        let (second, used2) = parse_request(&two[used..]).unwrap().unwrap();
+        assert_eq!(second.path, "/api/v1/vm.pause");
+        assert_eq!(used + used2, two.len());
+
+        let partial = b"PUT /api/v1/vm.pause HTTP/1.1\r\nContent-Length: 5\r\n\r\n{}";
+        assert!(parse_request(partial).unwrap().is_none());
+        let close = b"PUT /x HTTP/1.1\r\nConnection: close\r\n\r\n";
+        assert!(!parse_request(close).unwrap().unwrap().0.keep_alive);
+    }
+
+    #[test]
+    fn malformed_and_oversized_requests_are_refused() {
+        assert_eq!(
+            parse_request(b"\x01\x02 garbage\r\n\r\n").err().unwrap().0,
+            400
+        );
+        let bad_len = b"PUT /x HTTP/1.1\r\nContent-Length: lots\r\n\r\n";
+        assert_eq!(parse_request(bad_len).err().unwrap().0, 400);
+        let huge = b"PUT /x HTTP/1.1\r\nContent-Length: 999999999\r\n\r\n";
+        assert_eq!(parse_request(huge).err().unwrap().0, 413);
+    }
+
+    #[test]
+    fn routes_name_the_endpoint_and_the_method() {
+        assert_eq!(route("GET", "/api/v1/vm.info"), Ok(ApiRequest::Info));
+        assert_eq!(
+            route("PUT", "/api/v1/vm.shutdown"),
+            Ok(ApiRequest::Shutdown)
+        );
+        let e = route("GET", "/api/v1/vm.pause").unwrap_err();
+        assert_eq!(e.0, 405);
+        assert!(e.1.contains("takes PUT"));
+        assert_eq!(route("GET", "/api/v1/vm.nope").unwrap_err().0, 404);
+        assert_eq!(route("GET", "/vm.info").unwrap_err().0, 404);
+    }
+
+    #[test]
+    fn a_stale_socket_file_is_replaced_and_removed_on_drop() {
+        let dir = std::env::temp_dir().join(format!("peapod-api-test-{}", std::process::id()));
+        let path = dir.join("a/vmm.sock");
+        let first = ApiSocket::bind(&path).unwrap();
+        assert!(matches!(ApiSocket::bind(&path), Err(ApiError::InUse(_))));
+        drop(first);
+        assert!(!path.exists());
+        // What a killed VMM leaves: the file, and nobody listening on it.
+        drop(UnixListener::bind(&path).unwrap());
+        let second = ApiSocket::bind(&path).unwrap();
+        assert!(path.exists());
+        drop(second);
+        assert!(!path.exists());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

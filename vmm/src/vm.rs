@@ -1,0 +1,355 @@
+//! Building a VM from a `VmConfig` and running it until it stops.
+//!
+//! Data flow: config -> KVM VM (irqchip, PIT, memory) -> kernel, initrd, zero page,
+//! MP table in guest memory -> devices on the port-I/O bus -> vCPU threads. The event
+//! loop (this thread) then waits for a reason to stop: the guest's reset, a signal, an
+//! API shutdown or a dead vCPU; API requests are answered on the way.
+
+use std::fs::OpenOptions;
+use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::Instant;
+
+use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
+use kvm_bindings::{kvm_pit_config, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
+use peapod_devices::legacy::{
+    SerialConsole, COM1_IRQ, COM1_PORT_BASE, COM1_PORT_LEN, I8042, I8042_PORT_BASE, I8042_PORT_LEN,
+};
+use peapod_devices::{PioBus, PioDevice};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::api::{ApiCall, ApiRequest, ApiResponse, ApiSocket, VmInfo};
+use crate::boot::{self, BootError};
+use crate::config::{ConfigError, Console, VmConfig};
+use crate::cpu::{self, cpuid::vcpu_cpuid, CpuSetupError};
+use crate::exit::{ExitReason, ExitSignal};
+use crate::layout::{KVM_IDENTITY_MAP_START, KVM_TSS_START};
+use crate::memory::{self, MemoryError};
+use crate::mptable::{self, MptableError};
+use crate::platform::Platform;
+use crate::vcpu::{self, VcpuContext, Vcpus};
+
+/// Kernel command-line words the VMM always passes. `reboot=k`: the guest resets
+/// through the i8042, which ends the VMM. `panic=1`: a panicked guest resets too.
+const BASE_CMDLINE: &[&str] = &["reboot=k", "panic=1", "quiet"];
+const CONSOLE_ON: &str = "console=ttyS0";
+/// No UART on the bus: keep the 8250 driver from probing for one.
+const CONSOLE_OFF: &str = "8250.nr_uarts=0";
+
+/// KVM capabilities the VMM cannot do without.
+const REQUIRED_CAPS: &[(Cap, &str)] = &[
+    (Cap::Irqchip, "in-kernel irqchip"),
+    (Cap::Pit2, "in-kernel PIT"),
+    (Cap::Irqfd, "irqfd"),
+    (Cap::Ioeventfd, "ioeventfd"),
+    (Cap::ImmediateExit, "immediate exit"),
+    (Cap::UserMemory, "user memory"),
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("/dev/kvm: {0} (is KVM enabled on this host, and may this user open /dev/kvm?)")]
+    KvmOpen(kvm_ioctls::Error),
+    #[error("this host's KVM lacks {0}, which the VMM needs")]
+    KvmCapability(&'static str),
+    #[error("vcpus = {wanted}: this host's KVM allows at most {max} vCPUs per VM")]
+    TooManyVcpus { wanted: u8, max: usize },
+    #[error("KVM: {what}: {source}")]
+    Kvm {
+        what: &'static str,
+        source: kvm_ioctls::Error,
+    },
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    #[error(transparent)]
+    Boot(#[from] BootError),
+    #[error(transparent)]
+    Mptable(#[from] MptableError),
+    #[error(transparent)]
+    CpuSetup(#[from] CpuSetupError),
+    #[error("console {path}: cannot open it for writing: {source}")]
+    ConsoleOpen {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Api(#[from] crate::api::ApiError),
+    #[error(transparent)]
+    Vcpu(#[from] crate::vcpu::VcpuError),
+    #[error("event loop: {0}")]
+    EventLoop(String),
+    #[error("{what}: {source}")]
+    Io {
+        what: &'static str,
+        source: std::io::Error,
+    },
+}
+
+fn io_err(what: &'static str) -> impl FnOnce(std::io::Error) -> VmError {
+    move |source| VmError::Io { what, source }
+}
+
+fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
+    move |source| VmError::Kvm { what, source }
+}
+
+/// Boots the VM described by `config` and runs it until it stops.
+pub fn run(config: &VmConfig) -> Result<ExitReason, VmError> {
+    let started = Instant::now();
+    config.validate()?;
+    let platform = Platform::detect(config.platform_quirks);
+    if platform.emulating_host {
+        log::info!("host KVM emulates guest kernel code: applying the platform workarounds");
+    }
+
+    let kvm = Kvm::new().map_err(VmError::KvmOpen)?;
+    for (cap, name) in REQUIRED_CAPS {
+        if !kvm.check_extension(*cap) {
+            return Err(VmError::KvmCapability(name));
+        }
+    }
+    let max_vcpus = kvm.get_max_vcpus();
+    if usize::from(config.vcpus) > max_vcpus {
+        return Err(VmError::TooManyVcpus {
+            wanted: config.vcpus,
+            max: max_vcpus,
+        });
+    }
+
+    let vm = kvm.create_vm().map_err(kvm_err("create VM"))?;
+    vm.set_identity_map_address(KVM_IDENTITY_MAP_START)
+        .map_err(kvm_err("set identity map address"))?;
+    vm.set_tss_address(KVM_TSS_START as usize)
+        .map_err(kvm_err("set TSS address"))?;
+    vm.create_irq_chip().map_err(kvm_err("create irqchip"))?;
+    let pit = kvm_pit_config {
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    };
+    vm.create_pit2(pit).map_err(kvm_err("create PIT"))?;
+
+    let mem_size = config.memory_bytes();
+    let memory = memory::create_guest_memory(mem_size)?;
+    memory::register_guest_memory(&vm, &memory)?;
+
+    let kernel = boot::load_kernel(&memory, mem_size, &config.kernel)?;
+    let initrd = boot::load_initrd(&memory, mem_size, kernel.end, &config.initrd)?;
+    let mut words: Vec<&str> = BASE_CMDLINE.to_vec();
+    words.push(match config.console {
+        Console::Off => CONSOLE_OFF,
+        _ => CONSOLE_ON,
+    });
+    words.extend(platform.cmdline_words());
+    let cmdline = boot::build_cmdline(&words, &config.cmdline)?;
+    boot::write_boot_params(&memory, mem_size, &cmdline, &initrd)?;
+    mptable::setup_mptable(&memory, config.vcpus)?;
+    cpu::write_boot_page_tables_and_gdt(&memory)?;
+
+    let exit = Arc::new(ExitSignal::new().map_err(io_err("exit eventfd"))?);
+    let reset = EventFd::new(EFD_NONBLOCK).map_err(io_err("reset eventfd"))?;
+    let pio = build_pio_bus(&vm, config, &reset)?;
+
+    let supported = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(kvm_err("get supported CPUID"))?;
+    let mut vcpu_fds: Vec<VcpuFd> = Vec::new();
+    for id in 0..config.vcpus {
+        let fd = vm
+            .create_vcpu(u64::from(id))
+            .map_err(kvm_err("create vCPU"))?;
+        let cpuid = vcpu_cpuid(&supported, id, config.vcpus, platform.hidden_features());
+        cpu::configure_vcpu(&fd, id, &cpuid, kernel.entry.0)?;
+        vcpu_fds.push(fd);
+    }
+
+    let mut api_socket = ApiSocket::bind(&config.api_socket_path())?;
+    let (signals, signal_pipe) = UnixStream::pair().map_err(io_err("signal pipe"))?;
+    for sig in [libc::SIGTERM, libc::SIGINT] {
+        let pipe = signal_pipe.try_clone().map_err(io_err("signal pipe"))?;
+        signal_hook::low_level::pipe::register(sig, pipe).map_err(io_err("signal handler"))?;
+    }
+    signals
+        .set_nonblocking(true)
+        .map_err(io_err("signal pipe"))?;
+    vcpu::register_kick_handler().map_err(io_err("vCPU kick handler"))?;
+
+    let (api_calls, api_queue) = mpsc::channel();
+    let api_wake = EventFd::new(EFD_NONBLOCK).map_err(io_err("api eventfd"))?;
+    api_socket
+        .serve(
+            api_calls,
+            api_wake.try_clone().map_err(io_err("api eventfd"))?,
+        )
+        .map_err(io_err("api thread"))?;
+    log::info!(
+        "api socket {}; {} vCPU(s), {} MiB; set up in {} us",
+        api_socket.path().display(),
+        config.vcpus,
+        config.memory_mib,
+        started.elapsed().as_micros()
+    );
+
+    let ctx = VcpuContext {
+        pio: Arc::new(pio),
+        memory: memory.clone(),
+        exit: exit.clone(),
+    };
+    let vcpus = Vcpus::start(vcpu_fds, ctx)?;
+    let controller = Arc::new(Mutex::new(Controller {
+        exit: exit.clone(),
+        reset,
+        signals,
+        api_wake,
+        api_queue,
+        vcpus,
+        info: VmInfo {
+            state: "running",
+            vcpus: config.vcpus,
+            memory_mib: config.memory_mib,
+            platform_quirks: platform.emulating_host,
+        },
+    }));
+    let loop_result = event_loop(controller.clone(), &exit);
+
+    // Teardown, on every way out: vCPU threads joined, then the VM, guest memory and
+    // the API socket file are dropped (the socket file is removed by ApiSocket).
+    lock(&controller).vcpus.stop();
+    drop(memory);
+    drop(vm);
+    drop(api_socket);
+    loop_result?;
+    Ok(exit.reason().unwrap_or(ExitReason::GuestReset))
+}
+
+fn build_pio_bus(vm: &VmFd, config: &VmConfig, reset: &EventFd) -> Result<PioBus, VmError> {
+    let mut bus = PioBus::new();
+    let device_err = |e: peapod_devices::PioError| VmError::EventLoop(e.to_string());
+    let i8042: Arc<Mutex<dyn PioDevice>> = Arc::new(Mutex::new(I8042::new(
+        reset.try_clone().map_err(io_err("reset eventfd"))?,
+    )));
+    bus.insert(I8042_PORT_BASE, I8042_PORT_LEN, i8042)
+        .map_err(device_err)?;
+
+    let out: Box<dyn Write + Send> = match &config.console {
+        Console::Off => return Ok(bus),
+        Console::Stdout => Box::new(std::io::stdout()),
+        Console::File(path) => Box::new(
+            OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map_err(|source| VmError::ConsoleOpen {
+                    path: path.clone(),
+                    source,
+                })?,
+        ),
+    };
+    let irq = EventFd::new(EFD_NONBLOCK).map_err(io_err("serial irqfd"))?;
+    vm.register_irqfd(&irq, COM1_IRQ)
+        .map_err(kvm_err("register serial irqfd"))?;
+    let serial: Arc<Mutex<dyn PioDevice>> = Arc::new(Mutex::new(SerialConsole::new(irq, out)));
+    bus.insert(COM1_PORT_BASE, COM1_PORT_LEN, serial)
+        .map_err(device_err)?;
+    Ok(bus)
+}
+
+fn lock(c: &Mutex<Controller>) -> std::sync::MutexGuard<'_, Controller> {
+    c.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn event_loop(controller: Arc<Mutex<Controller>>, exit: &ExitSignal) -> Result<(), VmError> {
+    let mut events: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>> =
+        EventManager::new().map_err(|e| VmError::EventLoop(format!("{e:?}")))?;
+    events.add_subscriber(controller);
+    while exit.reason().is_none() {
+        events
+            .run()
+            .map_err(|e| VmError::EventLoop(format!("{e:?}")))?;
+    }
+    Ok(())
+}
+
+/// Owns the running VM's vCPUs and answers everything that arrives on the event loop.
+struct Controller {
+    exit: Arc<ExitSignal>,
+    reset: EventFd,
+    signals: UnixStream,
+    api_wake: EventFd,
+    api_queue: mpsc::Receiver<ApiCall>,
+    vcpus: Vcpus,
+    info: VmInfo,
+}
+
+impl Controller {
+    fn handle(&mut self, request: ApiRequest) -> ApiResponse {
+        let conflict = |message: &str| ApiResponse::Error {
+            status: 409,
+            message: message.into(),
+        };
+        match request {
+            ApiRequest::Info => ApiResponse::Info(self.info.clone()),
+            ApiRequest::Pause if self.vcpus.is_paused() => conflict("the VM is already paused"),
+            ApiRequest::Pause => match self.vcpus.pause() {
+                Ok(()) => {
+                    self.info.state = "paused";
+                    ApiResponse::Done
+                }
+                Err(e) => ApiResponse::Error {
+                    status: 500,
+                    message: e.to_string(),
+                },
+            },
+            ApiRequest::Resume if !self.vcpus.is_paused() => conflict("the VM is not paused"),
+            ApiRequest::Resume => {
+                self.vcpus.resume();
+                self.info.state = "running";
+                ApiResponse::Done
+            }
+            ApiRequest::Shutdown => {
+                self.exit.raise(ExitReason::ApiShutdown);
+                ApiResponse::Done
+            }
+        }
+    }
+}
+
+impl MutEventSubscriber for Controller {
+    fn init(&mut self, ops: &mut EventOps) {
+        for fd in [
+            self.exit.event.as_raw_fd(),
+            self.reset.as_raw_fd(),
+            self.signals.as_raw_fd(),
+            self.api_wake.as_raw_fd(),
+        ] {
+            if let Err(e) = ops.add(Events::new_raw(fd, EventSet::IN)) {
+                log::error!("event loop: cannot watch fd {fd}: {e:?}");
+            }
+        }
+    }
+
+    fn process(&mut self, events: Events, _ops: &mut EventOps) {
+        let fd = events.fd();
+        if fd == self.exit.event.as_raw_fd() {
+            let _ = self.exit.event.read();
+        } else if fd == self.reset.as_raw_fd() {
+            let _ = self.reset.read();
+            self.exit.raise(ExitReason::GuestReset);
+        } else if fd == self.signals.as_raw_fd() {
+            let mut drain = [0u8; 16];
+            while matches!(self.signals.read(&mut drain), Ok(n) if n > 0) {}
+            self.exit.raise(ExitReason::Signal);
+        } else if fd == self.api_wake.as_raw_fd() {
+            let _ = self.api_wake.read();
+            while let Ok(call) = self.api_queue.try_recv() {
+                let response = self.handle(call.request);
+                let _ = call.reply.send(response);
+            }
+        }
+    }
+}
