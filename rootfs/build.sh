@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Build the guest initramfs: the statically linked agent as /init and the empty mount
+# points it uses, as an uncompressed newc cpio (decompression is emulated kernel code
+# on some hosts, so compression costs boot time). Prints the archive's path.
+#
+#   rootfs/build.sh [OUT]     # default: target/peapod/initramfs.cpio
+set -euo pipefail
+
+repo=$(cd "$(dirname "$0")/.." && pwd)
+out=${1:-$repo/target/peapod/initramfs.cpio}
+triple=x86_64-unknown-linux-gnu
+log() { echo "rootfs: $*" >&2; }
+
+command -v cpio >/dev/null || {
+    log "installing cpio"
+    apt-get update -q >&2 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q cpio >&2
+}
+
+# There is no musl target here: link glibc statically. An explicit --target keeps
+# these flags away from the host build of the rest of the workspace.
+(cd "$repo" && RUSTFLAGS="-C target-feature=+crt-static -C strip=symbols" \
+    cargo build --quiet --release -p peapod-agent --target "$triple" >&2)
+agent=$repo/target/$triple/release/peapod-agent
+if readelf -l "$agent" | grep -q INTERP; then
+    log "$agent is dynamically linked; the initramfs has no libc to load"
+    exit 1
+fi
+
+staging=$(mktemp -d)
+trap 'rm -rf "$staging"' EXIT
+install -m 0755 "$agent" "$staging/init"
+mkdir -m 0755 "$staging"/{dev,proc,sys,tmp,run}
+mkdir -p "$(dirname "$out")"
+(cd "$staging" && find . -mindepth 1 | LC_ALL=C sort |
+    cpio --quiet -o -H newc -R 0:0 --reproducible >"$out.tmp")
+mv "$out.tmp" "$out"
+log "built $out ($(stat -c %s "$out") bytes; agent $(stat -c %s "$agent") bytes)"
+echo "$out"
