@@ -86,9 +86,7 @@ fn check_elf(path: &Path, file: &mut File, memory_size: u64) -> Result<(), BootE
     {
         return Err(BootError::KernelNotElf(path.into()));
     }
-    if ehdr.e_ident[elf::EI_CLASS] != elf::ELFCLASS64
-        || ehdr.e_machine != elf::EM_X86_64
-    {
+    if ehdr.e_ident[elf::EI_CLASS] != elf::ELFCLASS64 || ehdr.e_machine != elf::EM_X86_64 {
         return Err(BootError::KernelWrongElf(path.into()));
     }
     let mut end = 0u64;

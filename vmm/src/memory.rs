@@ -1,26 +1,18 @@
-//! Guest RAM: one memfd (so it shows up named in /proc/<pid>/smaps and can later be
-//! shared), mapped as one region below the MMIO gap and, for large guests, one above.
-
-use std::fs::File;
-use std::os::fd::FromRawFd;
+//! Guest RAM: anonymous private memory, one region below the MMIO gap and, for large
+//! guests, one above it, advised for transparent huge pages.
+//!
+//! Huge pages because populating guest RAM is page-fault bound: copying the 11 MB
+//! kernel into 4 KiB pages took 6 ms here, into 2 MiB pages 3 ms (a memfd, whose shmem
+//! pages get no THP by default, took 9 ms).
 
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::VmFd;
-use vm_memory::{
-    Address, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
-};
+use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 use crate::layout::{MMIO_GAP_END, MMIO_GAP_START};
 
-/// The name guest RAM has in /proc/<pid>/maps: `/memfd:peapod-guest-ram (deleted)`.
-pub const GUEST_RAM_NAME: &std::ffi::CStr = c"peapod-guest-ram";
-
 #[derive(Debug, thiserror::Error)]
 pub enum MemoryError {
-    #[error("guest memory: cannot create the backing memfd: {0}")]
-    Memfd(std::io::Error),
-    #[error("guest memory: cannot size the backing memfd to {size} bytes: {source}")]
-    Size { size: u64, source: std::io::Error },
     #[error("guest memory: cannot map {size} bytes: {source} (is the host short of memory, or is RLIMIT_AS too low?)")]
     Map {
         size: u64,
@@ -46,26 +38,30 @@ pub fn ram_ranges(size: u64) -> Vec<(GuestAddress, u64)> {
 }
 
 pub fn create_guest_memory(size: u64) -> Result<GuestMemoryMmap, MemoryError> {
-    // SAFETY: memfd_create takes a NUL-terminated name and flags; it returns a new fd
-    // or -1, and we take ownership of the fd only when it is valid.
-    let fd = unsafe { libc::memfd_create(GUEST_RAM_NAME.as_ptr(), libc::MFD_CLOEXEC) };
-    if fd < 0 {
-        return Err(MemoryError::Memfd(std::io::Error::last_os_error()));
+    let ranges: Vec<(GuestAddress, usize)> = ram_ranges(size)
+        .into_iter()
+        .map(|(addr, len)| (addr, len as usize))
+        .collect();
+    let memory = GuestMemoryMmap::from_ranges(&ranges)
+        .map_err(|source| MemoryError::Map { size, source })?;
+    for region in memory.iter() {
+        // SAFETY: madvise on a mapping this process owns, over exactly its length; the
+        // advice changes only how the kernel backs it. Failure (THP disabled) is fine.
+        let r = unsafe {
+            libc::madvise(
+                region.as_ptr().cast(),
+                region.len() as usize,
+                libc::MADV_HUGEPAGE,
+            )
+        };
+        if r != 0 {
+            log::debug!(
+                "guest memory: no transparent huge pages: {}",
+                std::io::Error::last_os_error()
+            );
+        }
     }
-    // SAFETY: fd is a freshly created, valid file descriptor that nothing else owns.
-    let file = unsafe { File::from_raw_fd(fd) };
-    file.set_len(size)
-        .map_err(|source| MemoryError::Size { size, source })?;
-
-    let mut offset = 0;
-    let mut regions = Vec::new();
-    for (addr, len) in ram_ranges(size) {
-        let file = file.try_clone().map_err(MemoryError::Memfd)?;
-        regions.push((addr, len as usize, Some(FileOffset::new(file, offset))));
-        offset += len;
-    }
-    GuestMemoryMmap::from_ranges_with_files(regions)
-        .map_err(|source| MemoryError::Map { size, source })
+    Ok(memory)
 }
 
 /// Tells KVM where each guest RAM region lives in this process.

@@ -19,6 +19,7 @@ use peapod_devices::legacy::{
     SerialConsole, COM1_IRQ, COM1_PORT_BASE, COM1_PORT_LEN, I8042, I8042_PORT_BASE, I8042_PORT_LEN,
 };
 use peapod_devices::{PioBus, PioDevice};
+use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -101,7 +102,7 @@ fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
 
 /// Boots the VM described by `config` and runs it until it stops.
 pub fn run(config: &VmConfig) -> Result<ExitReason, VmError> {
-    let started = Instant::now();
+    let mut timeline = Timeline::start();
     config.validate()?;
     let platform = Platform::detect(config.platform_quirks);
     if platform.emulating_host {
@@ -133,40 +134,27 @@ pub fn run(config: &VmConfig) -> Result<ExitReason, VmError> {
         ..Default::default()
     };
     vm.create_pit2(pit).map_err(kvm_err("create PIT"))?;
+    timeline.mark("kvm vm");
 
     let mem_size = config.memory_bytes();
     let memory = memory::create_guest_memory(mem_size)?;
-    memory::register_guest_memory(&vm, &memory)?;
+    timeline.mark("guest memory mapped");
 
-    let kernel = boot::load_kernel(&memory, mem_size, &config.kernel)?;
-    let initrd = boot::load_initrd(&memory, mem_size, kernel.end, &config.initrd)?;
-    let mut words: Vec<&str> = BASE_CMDLINE.to_vec();
-    words.push(match config.console {
-        Console::Off => CONSOLE_OFF,
-        _ => CONSOLE_ON,
+    // Registering guest memory with KVM costs milliseconds on some hosts, and only
+    // KVM_RUN needs it: it runs beside everything else that prepares the guest.
+    let (registered, prepared) = std::thread::scope(|s| {
+        let registering = s.spawn(|| memory::register_guest_memory(&vm, &memory));
+        let prepared = prepare_guest(&kvm, &vm, &memory, config, platform, &mut timeline);
+        (registering.join(), prepared)
     });
-    words.extend(platform.cmdline_words());
-    let cmdline = boot::build_cmdline(&words, &config.cmdline)?;
-    boot::write_boot_params(&memory, mem_size, &cmdline, &initrd)?;
-    mptable::setup_mptable(&memory, config.vcpus)?;
-    cpu::write_boot_page_tables_and_gdt(&memory)?;
-
-    let exit = Arc::new(ExitSignal::new().map_err(io_err("exit eventfd"))?);
-    let reset = EventFd::new(EFD_NONBLOCK).map_err(io_err("reset eventfd"))?;
-    let pio = build_pio_bus(&vm, config, &reset)?;
-
-    let supported = kvm
-        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-        .map_err(kvm_err("get supported CPUID"))?;
-    let mut vcpu_fds: Vec<VcpuFd> = Vec::new();
-    for id in 0..config.vcpus {
-        let fd = vm
-            .create_vcpu(u64::from(id))
-            .map_err(kvm_err("create vCPU"))?;
-        let cpuid = vcpu_cpuid(&supported, id, config.vcpus, platform.hidden_features());
-        cpu::configure_vcpu(&fd, id, &cpuid, kernel.entry.0)?;
-        vcpu_fds.push(fd);
-    }
+    let Prepared {
+        vcpu_fds,
+        pio,
+        exit,
+        reset,
+    } = prepared?;
+    registered.expect("memory registration does not panic")?;
+    timeline.mark("guest memory registered");
 
     let mut api_socket = ApiSocket::bind(&config.api_socket_path())?;
     let (signals, signal_pipe) = UnixStream::pair().map_err(io_err("signal pipe"))?;
@@ -187,13 +175,15 @@ pub fn run(config: &VmConfig) -> Result<ExitReason, VmError> {
             api_wake.try_clone().map_err(io_err("api eventfd"))?,
         )
         .map_err(io_err("api thread"))?;
+    timeline.mark("api and signals");
     log::info!(
         "api socket {}; {} vCPU(s), {} MiB; set up in {} us",
         api_socket.path().display(),
         config.vcpus,
         config.memory_mib,
-        started.elapsed().as_micros()
+        timeline.total_us()
     );
+    log::debug!("set-up timeline (us): {}", timeline.report());
 
     let ctx = VcpuContext {
         pio: Arc::new(pio),
@@ -225,6 +215,102 @@ pub fn run(config: &VmConfig) -> Result<ExitReason, VmError> {
     drop(api_socket);
     loop_result?;
     Ok(exit.reason().unwrap_or(ExitReason::GuestReset))
+}
+
+/// A guest ready to run, but for its vCPU threads.
+struct Prepared {
+    vcpu_fds: Vec<VcpuFd>,
+    pio: PioBus,
+    exit: Arc<ExitSignal>,
+    reset: EventFd,
+}
+
+/// Puts kernel, initrd and boot data in guest memory, builds the devices and
+/// configures the vCPUs.
+fn prepare_guest(
+    kvm: &Kvm,
+    vm: &VmFd,
+    memory: &GuestMemoryMmap,
+    config: &VmConfig,
+    platform: Platform,
+    timeline: &mut Timeline,
+) -> Result<Prepared, VmError> {
+    let mem_size = config.memory_bytes();
+    let kernel = boot::load_kernel(memory, mem_size, &config.kernel)?;
+    let initrd = boot::load_initrd(memory, mem_size, kernel.end, &config.initrd)?;
+    timeline.mark("images loaded");
+    let mut words: Vec<&str> = BASE_CMDLINE.to_vec();
+    words.push(match config.console {
+        Console::Off => CONSOLE_OFF,
+        _ => CONSOLE_ON,
+    });
+    words.extend(platform.cmdline_words());
+    let cmdline = boot::build_cmdline(&words, &config.cmdline)?;
+    boot::write_boot_params(memory, mem_size, &cmdline, &initrd)?;
+    mptable::setup_mptable(memory, config.vcpus)?;
+    cpu::write_boot_page_tables_and_gdt(memory)?;
+
+    let exit = Arc::new(ExitSignal::new().map_err(io_err("exit eventfd"))?);
+    let reset = EventFd::new(EFD_NONBLOCK).map_err(io_err("reset eventfd"))?;
+    let pio = build_pio_bus(vm, config, &reset)?;
+    timeline.mark("boot data and devices");
+
+    let supported = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(kvm_err("get supported CPUID"))?;
+    let mut vcpu_fds: Vec<VcpuFd> = Vec::new();
+    for id in 0..config.vcpus {
+        let fd = vm
+            .create_vcpu(u64::from(id))
+            .map_err(kvm_err("create vCPU"))?;
+        let cpuid = vcpu_cpuid(&supported, id, config.vcpus, platform.hidden_features());
+        cpu::configure_vcpu(&fd, id, &cpuid, kernel.entry.0)?;
+        vcpu_fds.push(fd);
+    }
+    timeline.mark("vcpus configured");
+    Ok(Prepared {
+        vcpu_fds,
+        pio,
+        exit,
+        reset,
+    })
+}
+
+/// How long each set-up phase took, for `--log-level debug` and the boot benchmark.
+struct Timeline {
+    start: Instant,
+    last: Instant,
+    phases: Vec<(&'static str, u128)>,
+}
+
+impl Timeline {
+    fn start() -> Self {
+        let now = Instant::now();
+        Self {
+            start: now,
+            last: now,
+            phases: Vec::new(),
+        }
+    }
+
+    fn mark(&mut self, phase: &'static str) {
+        let now = Instant::now();
+        self.phases.push((phase, (now - self.last).as_micros()));
+        self.last = now;
+    }
+
+    fn total_us(&self) -> u128 {
+        self.start.elapsed().as_micros()
+    }
+
+    fn report(&self) -> String {
+        let parts: Vec<String> = self
+            .phases
+            .iter()
+            .map(|(p, us)| format!("{p} {us}"))
+            .collect();
+        parts.join(", ")
+    }
 }
 
 fn build_pio_bus(vm: &VmFd, config: &VmConfig, reset: &EventFd) -> Result<PioBus, VmError> {
