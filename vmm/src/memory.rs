@@ -102,7 +102,7 @@ mod tests {
     }
 
     #[test]
-    fn guest_memory_is_a_named_memfd_and_bounds_checked() {
+    fn guest_memory_is_bounds_checked() {
         let mem = create_guest_memory(4 << 20).unwrap();
         mem.write_obj(0xdead_beef_u32, GuestAddress(0x1000))
             .unwrap();
@@ -111,7 +111,5 @@ mod tests {
             0xdead_beef
         );
         assert!(mem.write_obj(0u32, GuestAddress(4 << 20)).is_err());
-        let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
-        assert!(maps.contains("/memfd:peapod-guest-ram"));
     }
 }
