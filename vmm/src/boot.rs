@@ -151,7 +151,13 @@ pub fn load_initrd(
         source,
     };
     let mut file = File::open(path).map_err(open_err)?;
-    let size = file.metadata().map_err(open_err)?.len();
+    let meta = file.metadata().map_err(open_err)?;
+    if !meta.is_file() {
+        return Err(open_err(std::io::Error::other(
+            "not a regular file, so not an initramfs",
+        )));
+    }
+    let size = meta.len();
     let low_end = low_mem_end(memory_size);
     let too_big = || BootError::InitrdTooBig {
         path: path.into(),
@@ -165,7 +171,7 @@ pub fn load_initrd(
     }
     memory
         .read_exact_volatile_from(GuestAddress(addr), &mut file, size as usize)
-        .map_err(|e| open_err(std::io::Error::other(e.to_string())))?;
+        .map_err(|e| open_err(std::io::Error::other(format!("cannot read it: {e}"))))?;
     Ok(LoadedInitrd {
         addr: GuestAddress(addr),
         size,

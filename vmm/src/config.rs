@@ -16,8 +16,9 @@ pub const DEFAULT_VCPUS: u8 = 1;
 pub const DEFAULT_MEMORY_MIB: u32 = 128;
 /// The MP table numbers CPUs and the IO-APIC with one-byte APIC IDs.
 pub const MAX_VCPUS: u8 = 254;
-/// Below this the kernel cannot even unpack an initramfs.
-pub const MIN_MEMORY_MIB: u32 = 32;
+/// A floor for obvious mistakes; whether the kernel and initrd fit is checked when
+/// they are loaded, with a message that says how much they need.
+pub const MIN_MEMORY_MIB: u32 = 8;
 /// A sanity bound well above any pod, so a typo (`--memory 1280000`) fails early.
 pub const MAX_MEMORY_MIB: u32 = 1 << 20;
 
@@ -235,7 +236,7 @@ mod tests {
         };
         assert!(bad(|c| c.vcpus = 0).starts_with("vcpus = 0"));
         assert!(bad(|c| c.vcpus = 255).contains("between 1 and 254"));
-        assert!(bad(|c| c.memory_mib = 16).contains("between 32 and"));
+        assert!(bad(|c| c.memory_mib = 4).contains("between 8 and"));
         assert!(bad(|c| c.memory_mib = 129).contains("use 128 or 130"));
         assert!(bad(|c| c.cmdline = "x".repeat(4096)).starts_with("cmdline:"));
     }

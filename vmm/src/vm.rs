@@ -246,6 +246,9 @@ fn prepare_guest(
     });
     words.extend(platform.cmdline_words());
     let cmdline = boot::build_cmdline(&words, &config.cmdline)?;
+    if let Ok(c) = cmdline.as_cstring() {
+        log::info!("kernel command line: {}", c.to_string_lossy());
+    }
     boot::write_boot_params(memory, mem_size, &cmdline, &initrd)?;
     mptable::setup_mptable(memory, config.vcpus)?;
     cpu::write_boot_page_tables_and_gdt(memory)?;
