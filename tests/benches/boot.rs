@@ -1,0 +1,261 @@
+//! Boot benchmark: prints, measured in one run on this machine,
+//! - VMM process start to the first KVM_RUN (target under 5 ms),
+//! - spawn to the agent's ready line, Peapod against QEMU's `microvm` machine booting
+//!   the same kernel, initramfs and command line (ratio, target at most 1.0),
+//! - the VMM's RSS outside guest memory once the guest is ready (target under 5 MiB).
+//!
+//! `cargo bench -p peapod-tests --bench boot` (or `make bench`). PEAPOD_BENCH_RUNS sets
+//! the number of boots per VMM (default 3); the start-up figure takes 20 samples.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use peapod_tests::{initrd, kernel, require_kvm, vmm_binary, READY_PREFIX};
+
+const MEMORY_MIB: u64 = 128;
+const STARTUP_SAMPLES: usize = 20;
+
+fn monotonic_ns() -> u128 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes a timespec we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u128 * 1_000_000_000 + ts.tv_nsec as u128
+}
+
+fn stop(mut child: Child) {
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn peapod_command(dir: &std::path::Path, console: &str) -> Command {
+    let mut c = Command::new(vmm_binary());
+    c.arg("--kernel")
+        .arg(kernel())
+        .arg("--initrd")
+        .arg(initrd())
+        .arg("--memory")
+        .arg(MEMORY_MIB.to_string())
+        .arg("--api-socket")
+        .arg(dir.join("api.sock"))
+        .arg("--console")
+        .arg(console);
+    c
+}
+
+/// Spawn-to-first-KVM_RUN, from the VMM's log line that stamps CLOCK_MONOTONIC.
+fn startup_once(dir: &std::path::Path) -> Duration {
+    let t0 = monotonic_ns();
+    let mut child = peapod_command(dir, "off")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut first_run = None;
+    for line in stderr.lines() {
+        let line = line.unwrap();
+        if let Some(ns) = line.split("first KVM_RUN at monotonic_ns=").nth(1) {
+            first_run = Some(ns.trim().parse::<u128>().unwrap());
+            break;
+        }
+    }
+    stop(child);
+    let ns = first_run.expect("the VMM logs its first KVM_RUN");
+    Duration::from_nanos((ns - t0) as u64)
+}
+
+/// Spawns `cmd` (console on stdout), returns the time to the ready line and the
+/// still-running child.
+fn boot_to_ready(mut cmd: Command) -> (Duration, Child) {
+    let start = Instant::now();
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = BufReader::new(child.stdout.take().unwrap());
+    for line in stdout.split(b'\n') {
+        let line = String::from_utf8_lossy(&line.unwrap()).into_owned();
+        if line.contains(READY_PREFIX) {
+            return (start.elapsed(), child);
+        }
+    }
+    let _ = child.kill();
+    let status = child.wait();
+    panic!("{cmd:?}: the guest did not reach its ready line ({status:?})");
+}
+
+/// RSS of a process outside its guest-RAM mapping (the one anonymous mapping at least
+/// as large as guest memory), in KiB; and the total RSS.
+fn rss_outside_guest_kib(pid: u32) -> (u64, u64) {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap();
+    let (mut total, mut guest) = (0, 0);
+    let mut size = 0;
+    for line in smaps.lines() {
+        let kib = || -> u64 { line.split_whitespace().nth(1).unwrap().parse().unwrap() };
+        if line.starts_with("Size:") {
+            size = kib();
+        } else if line.starts_with("Rss:") {
+            total += kib();
+            if size >= MEMORY_MIB << 10 && guest == 0 {
+                guest = kib();
+            }
+        }
+    }
+    (total - guest, total)
+}
+
+struct Boot {
+    ready: Duration,
+    rss_outside_kib: u64,
+}
+
+fn measure(cmd: Command) -> Boot {
+    let (ready, child) = boot_to_ready(cmd);
+    // Let the guest settle so RSS is the idle figure, not mid-boot.
+    std::thread::sleep(Duration::from_millis(500));
+    let (rss_outside_kib, _) = rss_outside_guest_kib(child.id());
+    stop(child);
+    Boot {
+        ready,
+        rss_outside_kib,
+    }
+}
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+/// The command line Peapod gives the kernel with the console on, so that QEMU boots
+/// exactly the same guest.
+fn peapod_cmdline(dir: &std::path::Path) -> String {
+    let out = peapod_command(dir, "/dev/null")
+        .arg("--log-level")
+        .arg("info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut child = out;
+    let stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut cmdline = None;
+    for line in stderr.lines() {
+        if let Some(c) = line.unwrap().split("kernel command line: ").nth(1) {
+            cmdline = Some(c.to_string());
+            break;
+        }
+    }
+    stop(child);
+    cmdline.expect("the VMM logs its kernel command line")
+}
+
+fn qemu_command(cmdline: &str) -> Command {
+    let mut c = Command::new("qemu-system-x86_64");
+    c.args([
+        "-M",
+        "microvm,x-option-roms=off,rtc=off,ioapic2=off,acpi=off",
+        "-enable-kvm",
+        // QEMU 7.2 cannot set IA32_ARCH_CAPABILITIES on this host's KVM and aborts.
+        "-cpu",
+        "host,-arch-capabilities",
+        "-smp",
+        "1",
+        "-m",
+        &format!("{MEMORY_MIB}M"),
+        "-nodefaults",
+        "-no-user-config",
+        "-display",
+        "none",
+        "-serial",
+        "stdio",
+        "-no-reboot",
+    ])
+    .arg("-kernel")
+    .arg(kernel())
+    .arg("-initrd")
+    .arg(initrd())
+    .arg("-append")
+    .arg(cmdline);
+    c
+}
+
+fn main() {
+    require_kvm();
+    if Command::new("qemu-system-x86_64")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        eprintln!("qemu-system-x86_64 not found: install Debian's qemu-system-x86 (make deps)");
+        std::process::exit(1);
+    }
+    let runs: usize = std::env::var("PEAPOD_BENCH_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3);
+    let dir = tempfile::tempdir().unwrap();
+
+    let startup: Vec<Duration> = (0..STARTUP_SAMPLES)
+        .map(|_| startup_once(dir.path()))
+        .collect();
+    let mut sorted = startup.clone();
+    sorted.sort();
+
+    let cmdline = peapod_cmdline(dir.path());
+    let (mut peapod, mut qemu) = (Vec::new(), Vec::new());
+    for _ in 0..runs {
+        // Alternate, so drift in this shared machine's speed hits both alike.
+        peapod.push(measure(peapod_command(dir.path(), "stdout")));
+        qemu.push(measure(qemu_command(&cmdline)));
+    }
+    let p_ready = median(peapod.iter().map(|b| b.ready).collect());
+    let q_ready = median(qemu.iter().map(|b| b.ready).collect());
+    let p_rss = peapod.iter().map(|b| b.rss_outside_kib).max().unwrap();
+    let q_rss = qemu.iter().map(|b| b.rss_outside_kib).max().unwrap();
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+
+    println!(
+        "peapod boot benchmark: {MEMORY_MIB} MiB, 1 vCPU, same kernel, initramfs and command line"
+    );
+    println!("kernel command line: {cmdline}");
+    println!(
+        "start to first KVM_RUN   median {:.2} ms (min {:.2}, max {:.2}, {} runs)   target < 5 ms",
+        ms(sorted[sorted.len() / 2]),
+        ms(sorted[0]),
+        ms(sorted[sorted.len() - 1]),
+        sorted.len()
+    );
+    println!(
+        "spawn to ready line      peapod median {:.2} s, qemu microvm median {:.2} s ({runs} runs each), ratio {:.3}   target <= 1.0",
+        p_ready.as_secs_f64(),
+        q_ready.as_secs_f64(),
+        p_ready.as_secs_f64() / q_ready.as_secs_f64()
+    );
+    println!(
+        "RSS outside guest memory peapod {:.2} MiB, qemu microvm {:.2} MiB (max over runs)   target < 5 MiB",
+        p_rss as f64 / 1024.0,
+        q_rss as f64 / 1024.0
+    );
+    println!(
+        "per run (s): peapod {:?}; qemu {:?}",
+        peapod
+            .iter()
+            .map(|b| (b.ready.as_secs_f64() * 100.0).round() / 100.0)
+            .collect::<Vec<_>>(),
+        qemu.iter()
+            .map(|b| (b.ready.as_secs_f64() * 100.0).round() / 100.0)
+            .collect::<Vec<_>>()
+    );
+}

@@ -1,0 +1,116 @@
+//! Boots the real guest kernel and initramfs under KVM.
+
+use std::time::Duration;
+
+use peapod_tests::{
+    api, guest_kernel_release, host_kernel_release, ready_release, VmmProcess, BOOT_TIMEOUT,
+    POWEROFF_AFTER_READY, READY_PREFIX,
+};
+
+/// Boots to the agent's ready line, then the agent powers off and the VMM exits 0.
+/// `cmdline` is appended to the kernel command line, `args` to the VMM's.
+fn boot_and_power_off(cmdline: &str, args: &[&str]) -> (String, String) {
+    let cmdline = format!("{POWEROFF_AFTER_READY} {cmdline}");
+    let mut all = vec!["--cmdline", &cmdline];
+    all.extend_from_slice(args);
+    let mut vm = VmmProcess::start(&all);
+    let console = vm.wait_for_console(READY_PREFIX, BOOT_TIMEOUT);
+    let status = vm.wait_exit(Duration::from_secs(30));
+    let log = vm.stderr();
+    assert!(
+        status.success(),
+        "VMM exit {status} after the guest powered off\n{log}"
+    );
+    assert!(
+        log.contains("stopped: the guest powered off"),
+        "the VMM stops because of the guest's power-off:\n{log}"
+    );
+    assert!(!vm.api_socket.exists(), "the API socket is removed on exit");
+    (console, log)
+}
+
+#[test]
+fn guest_reports_ready_with_its_own_kernel_release() {
+    let (console, _) = boot_and_power_off("", &[]);
+    let release = ready_release(&console).expect("ready line");
+    assert_eq!(release, guest_kernel_release());
+    assert_ne!(
+        release,
+        host_kernel_release(),
+        "the guest runs its own kernel"
+    );
+}
+
+#[test]
+fn ten_boots_in_a_row_all_reach_ready() {
+    for i in 0..10 {
+        let (console, _) = boot_and_power_off("", &[]);
+        assert!(ready_release(&console).is_some(), "boot {i}: no ready line");
+    }
+}
+
+#[test]
+fn two_vcpus_both_come_up() {
+    // loglevel=7 after the VMM's `quiet` brings back the SMP bring-up message.
+    let (console, _) = boot_and_power_off("loglevel=7", &["--vcpus", "2"]);
+    assert!(
+        console.contains("smp: Brought up 1 node, 2 CPUs"),
+        "guest did not bring up both vCPUs:\n{console}"
+    );
+}
+
+#[test]
+fn api_pauses_resumes_and_shuts_down_the_vm() {
+    let mut vm = VmmProcess::start(&[]);
+    vm.wait_for_api(Duration::from_secs(10));
+    let sock = vm.api_socket.clone();
+
+    let (status, body) = api(&sock, "GET", "/api/v1/vm.info");
+    assert_eq!(status, 200);
+    assert!(body.contains(r#""state":"running""#), "{body}");
+
+    assert_eq!(api(&sock, "PUT", "/api/v1/vm.pause").0, 204);
+    assert!(api(&sock, "GET", "/api/v1/vm.info")
+        .1
+        .contains(r#""state":"paused""#));
+    assert_eq!(
+        api(&sock, "PUT", "/api/v1/vm.pause").0,
+        409,
+        "pausing twice is a conflict"
+    );
+    // A booting guest on this host keeps its vCPU thread busy; a paused one costs nothing.
+    let before = vm.cpu_time();
+    std::thread::sleep(Duration::from_secs(2));
+    let paused_cpu = vm.cpu_time() - before;
+    assert!(
+        paused_cpu < Duration::from_millis(300),
+        "paused VM used {paused_cpu:?} of CPU"
+    );
+
+    assert_eq!(api(&sock, "PUT", "/api/v1/vm.resume").0, 204);
+    assert_eq!(api(&sock, "PUT", "/api/v1/vm.resume").0, 409);
+    vm.wait_for_console(READY_PREFIX, BOOT_TIMEOUT);
+
+    let (status, body) = api(&sock, "GET", "/api/v1/vm.nothing");
+    assert_eq!(status, 404);
+    assert!(body.contains("no such endpoint"), "{body}");
+    assert_eq!(api(&sock, "GET", "/api/v1/vm.shutdown").0, 405);
+
+    assert_eq!(api(&sock, "PUT", "/api/v1/vm.shutdown").0, 204);
+    let status = vm.wait_exit(Duration::from_secs(10));
+    assert!(status.success(), "{status}\n{}", vm.stderr());
+    assert!(!sock.exists(), "the API socket is removed on shutdown");
+}
+
+#[test]
+fn sigterm_stops_the_vmm_cleanly() {
+    let mut vm = VmmProcess::start(&[]);
+    vm.wait_for_api(Duration::from_secs(10));
+    // SAFETY: kill(2) on our own child's pid.
+    assert_eq!(unsafe { libc::kill(vm.pid(), libc::SIGTERM) }, 0);
+    let status = vm.wait_exit(Duration::from_secs(10));
+    let log = vm.stderr();
+    assert!(status.success(), "{status}\n{log}");
+    assert!(log.contains("stopped by SIGTERM"), "{log}");
+    assert!(!vm.api_socket.exists());
+}
