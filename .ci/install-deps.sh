@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Installs the Debian packages Peapod's build, tests and benchmarks need, if missing.
+#   .ci/install-deps.sh          # build and test
+#   .ci/install-deps.sh bench    # plus QEMU, the benchmark's peer
+set -euo pipefail
+
+pkgs=(linux-source build-essential flex bison bc libelf-dev xz-utils patch cpio curl)
+[ "${1:-}" = bench ] && pkgs+=(qemu-system-x86)
+
+missing=()
+for p in "${pkgs[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    echo "install-deps: installing ${missing[*]}" >&2
+    if [ "$(id -u)" != 0 ]; then
+        echo "install-deps: need root to apt-get install ${missing[*]}" >&2
+        exit 1
+    fi
+    apt-get update -q >&2
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}" >&2
+fi
+command -v cargo >/dev/null || { echo "install-deps: cargo (rustup) is required" >&2; exit 1; }

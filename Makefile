@@ -1,0 +1,34 @@
+# Peapod: the two commands that matter are `make demo` and `make test`.
+SHELL := /bin/bash
+.SHELLFLAGS := -euo pipefail -c
+CARGO ?= cargo
+VMM := target/release/peapod-vmm
+
+.PHONY: demo test bench deps lint build
+
+## demo: on a fresh machine, install what is missing, build everything, boot a guest
+## and show its console until the agent reports ready and powers the VM off.
+demo: deps build
+	$(VMM) --kernel "$$(kernel-config/build.sh)" --initrd "$$(rootfs/build.sh)" \
+	    --console stdout --cmdline peapod.poweroff=ready --api-socket /tmp/peapod-demo.sock
+
+## test: lints, unit tests and the integration tests that boot real guests under KVM.
+test: deps lint build
+	PEAPOD_KERNEL="$$(kernel-config/build.sh)" PEAPOD_INITRD="$$(rootfs/build.sh)" \
+	PEAPOD_VMM="$(CURDIR)/$(VMM)" $(CARGO) test --release --workspace
+
+## bench: boot figures against QEMU's microvm, measured in one run.
+bench: build
+	.ci/install-deps.sh bench
+	PEAPOD_KERNEL="$$(kernel-config/build.sh)" PEAPOD_INITRD="$$(rootfs/build.sh)" \
+	PEAPOD_VMM="$(CURDIR)/$(VMM)" $(CARGO) bench -p peapod-tests --bench boot
+
+deps:
+	.ci/install-deps.sh
+
+lint:
+	$(CARGO) fmt --check
+	$(CARGO) clippy --all-targets -- -D warnings
+
+build:
+	$(CARGO) build --release -p peapod-vmm
