@@ -10,14 +10,13 @@ use linux_loader::configurator::linux::LinuxBootConfigurator;
 use linux_loader::configurator::{BootConfigurator, BootParams};
 use linux_loader::elf;
 use linux_loader::loader::bootparam::boot_params;
-use linux_loader::loader::elf::Elf;
-use linux_loader::loader::{load_cmdline, KernelLoader};
-use vm_memory::{Address, ByteValued, Bytes, GuestAddress, GuestMemoryMmap};
+use linux_loader::loader::load_cmdline;
+use vm_memory::{Address, ByteValued, GuestAddress, GuestMemoryMmap};
 
 use crate::layout::{
     CMDLINE_MAX_SIZE, CMDLINE_START, EBDA_START, HIMEM_START, MMIO_GAP_START, ZERO_PAGE_START,
 };
-use crate::memory::ram_ranges;
+use crate::memory::{place_file, ram_ranges};
 
 /// The 64-bit entry point of a vmlinux is its ELF entry address.
 pub struct LoadedKernel {
@@ -73,9 +72,25 @@ fn low_mem_end(memory_size: u64) -> u64 {
     memory_size.min(MMIO_GAP_START)
 }
 
-/// Reads the ELF header and program headers to check, before loading anything, that
-/// the kernel is the right kind of file and fits in guest memory.
-fn check_elf(path: &Path, file: &mut File, memory_size: u64) -> Result<(), BootError> {
+/// What of the kernel's ELF file goes into guest memory.
+struct ElfImage {
+    entry: u64,
+    /// First guest-physical byte past the last segment (including its .bss).
+    end: u64,
+    segments: Vec<Segment>,
+}
+
+/// A loadable segment of the kernel's ELF file.
+struct Segment {
+    offset: u64,
+    paddr: u64,
+    filesz: u64,
+    memsz: u64,
+}
+
+/// Reads the ELF header and program headers, checking that the kernel is the right
+/// kind of file, that its segments are sane and that it fits in guest memory.
+fn read_elf(path: &Path, file: &mut File, memory_size: u64) -> Result<ElfImage, BootError> {
     let corrupt = |detail: &str| BootError::KernelCorrupt {
         path: path.into(),
         detail: detail.into(),
@@ -89,20 +104,45 @@ fn check_elf(path: &Path, file: &mut File, memory_size: u64) -> Result<(), BootE
     if ehdr.e_ident[elf::EI_CLASS] != elf::ELFCLASS64 || ehdr.e_machine != elf::EM_X86_64 {
         return Err(BootError::KernelWrongElf(path.into()));
     }
-    let mut end = 0u64;
+    let file_len = file.metadata().map_err(|e| corrupt(&e.to_string()))?.len();
+    let mut segments = Vec::new();
     file.seek(SeekFrom::Start(ehdr.e_phoff))
         .map_err(|_| corrupt("program headers past end of file"))?;
     for _ in 0..ehdr.e_phnum {
         let mut phdr = elf::Elf64_Phdr::default();
         file.read_exact(phdr.as_mut_slice())
             .map_err(|_| corrupt("program headers past end of file"))?;
-        if phdr.p_type == elf::PT_LOAD {
-            let seg_end = phdr
-                .p_paddr
-                .checked_add(phdr.p_memsz)
-                .ok_or_else(|| corrupt("segment address overflows"))?;
-            end = end.max(seg_end);
+        if phdr.p_type != elf::PT_LOAD || phdr.p_memsz == 0 {
+            continue;
         }
+        if phdr.p_filesz > phdr.p_memsz
+            || phdr
+                .p_offset
+                .checked_add(phdr.p_filesz)
+                .is_none_or(|e| e > file_len)
+        {
+            return Err(corrupt("a segment runs past the end of the file"));
+        }
+        if phdr.p_paddr < HIMEM_START.raw_value() {
+            return Err(corrupt("a segment loads below 1 MiB, over the boot data"));
+        }
+        phdr.p_paddr
+            .checked_add(phdr.p_memsz)
+            .ok_or_else(|| corrupt("segment address overflows"))?;
+        segments.push(Segment {
+            offset: phdr.p_offset,
+            paddr: phdr.p_paddr,
+            filesz: phdr.p_filesz,
+            memsz: phdr.p_memsz,
+        });
+    }
+    let end = segments
+        .iter()
+        .map(|s| s.paddr + s.memsz)
+        .max()
+        .unwrap_or(0);
+    if end == 0 {
+        return Err(corrupt("no loadable segments"));
     }
     let low_end = low_mem_end(memory_size);
     if end > low_end {
@@ -112,11 +152,15 @@ fn check_elf(path: &Path, file: &mut File, memory_size: u64) -> Result<(), BootE
             have_mib: low_end >> 20,
         });
     }
-    file.rewind()
-        .map_err(|e| corrupt(&format!("cannot rewind: {e}")))?;
-    Ok(())
+    Ok(ElfImage {
+        entry: ehdr.e_entry,
+        end,
+        segments,
+    })
 }
 
+/// Loads the kernel's segments (mapped from the file, see `memory::place_file`); a
+/// segment's .bss lies in fresh guest memory and is already zero.
 pub fn load_kernel(
     memory: &GuestMemoryMmap,
     memory_size: u64,
@@ -126,16 +170,23 @@ pub fn load_kernel(
         path: path.into(),
         source,
     })?;
-    check_elf(path, &mut file, memory_size)?;
-    let loaded = Elf::load(memory, None, &mut file, Some(HIMEM_START)).map_err(|e| {
-        BootError::KernelCorrupt {
+    let image = read_elf(path, &mut file, memory_size)?;
+    for seg in &image.segments {
+        place_file(
+            memory,
+            GuestAddress(seg.paddr),
+            &mut file,
+            seg.offset,
+            seg.filesz,
+        )
+        .map_err(|e| BootError::KernelCorrupt {
             path: path.into(),
-            detail: e.to_string(),
-        }
-    })?;
+            detail: format!("loading the segment at {:#x}: {e}", seg.paddr),
+        })?;
+    }
     Ok(LoadedKernel {
-        entry: loaded.kernel_load,
-        end: loaded.kernel_end,
+        entry: GuestAddress(image.entry),
+        end: image.end,
     })
 }
 
@@ -169,8 +220,7 @@ pub fn load_initrd(
     if addr < kernel_end {
         return Err(too_big());
     }
-    memory
-        .read_exact_volatile_from(GuestAddress(addr), &mut file, size as usize)
+    place_file(memory, GuestAddress(addr), &mut file, 0, size)
         .map_err(|e| open_err(std::io::Error::other(format!("cannot read it: {e}"))))?;
     Ok(LoadedInitrd {
         addr: GuestAddress(addr),
@@ -315,6 +365,19 @@ mod tests {
                     ..
                 }
             ),
+            "{err}"
+        );
+
+        // A segment that claims more file bytes than the file has.
+        let truncated = dir.join("vmlinux-truncated");
+        let phdr = elf::Elf64_Phdr {
+            p_filesz: 1 << 20,
+            ..phdr
+        };
+        std::fs::write(&truncated, [ehdr.as_slice(), phdr.as_slice()].concat()).unwrap();
+        let err = load_kernel(&mem, 256 << 20, &truncated).err().unwrap();
+        assert!(
+            err.to_string().contains("runs past the end of the file"),
             "{err}"
         );
         std::fs::remove_dir_all(&dir).unwrap();
