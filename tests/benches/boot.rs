@@ -53,25 +53,29 @@ fn peapod_command(dir: &std::path::Path, console: &str) -> Command {
     c
 }
 
-/// Spawn-to-first-KVM_RUN, from the VMM's log line that stamps CLOCK_MONOTONIC.
-fn startup_once(dir: &std::path::Path) -> Duration {
-    let t0 = monotonic_ns();
-    let mut child = peapod_command(dir, "off")
+/// Starts Peapod, returns what follows `marker` in the first log line that has it, and
+/// stops the VMM.
+fn logged_value(dir: &std::path::Path, console: &str, marker: &str) -> String {
+    let mut child = peapod_command(dir, console)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     let stderr = BufReader::new(child.stderr.take().unwrap());
-    let mut first_run = None;
-    for line in stderr.lines() {
-        let line = line.unwrap();
-        if let Some(ns) = line.split("first KVM_RUN at monotonic_ns=").nth(1) {
-            first_run = Some(ns.trim().parse::<u128>().unwrap());
-            break;
-        }
-    }
+    let value = stderr
+        .lines()
+        .find_map(|line| line.unwrap().split(marker).nth(1).map(str::to_string));
     stop(child);
-    let ns = first_run.expect("the VMM logs its first KVM_RUN");
+    value.unwrap_or_else(|| panic!("the VMM's log has no {marker:?}"))
+}
+
+/// Spawn-to-first-KVM_RUN, from the VMM's log line that stamps CLOCK_MONOTONIC.
+fn startup_once(dir: &std::path::Path) -> Duration {
+    let t0 = monotonic_ns();
+    let ns: u128 = logged_value(dir, "off", "first KVM_RUN at monotonic_ns=")
+        .trim()
+        .parse()
+        .unwrap();
     Duration::from_nanos((ns - t0) as u64)
 }
 
@@ -141,24 +145,7 @@ fn median(mut v: Vec<Duration>) -> Duration {
 /// The command line Peapod gives the kernel with the console on, so that QEMU boots
 /// exactly the same guest.
 fn peapod_cmdline(dir: &std::path::Path) -> String {
-    let out = peapod_command(dir, "/dev/null")
-        .arg("--log-level")
-        .arg("info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut child = out;
-    let stderr = BufReader::new(child.stderr.take().unwrap());
-    let mut cmdline = None;
-    for line in stderr.lines() {
-        if let Some(c) = line.unwrap().split("kernel command line: ").nth(1) {
-            cmdline = Some(c.to_string());
-            break;
-        }
-    }
-    stop(child);
-    cmdline.expect("the VMM logs its kernel command line")
+    logged_value(dir, "/dev/null", "kernel command line: ")
 }
 
 fn qemu_command(cmdline: &str) -> Command {
