@@ -62,6 +62,22 @@ pub fn mount_filesystems() {
     }
 }
 
+/// Points fds 0-2 at the console, or at /dev/null when the VM has none, so that
+/// nothing the agent or its children write lands on a stray descriptor.
+pub fn standard_fds() {
+    let target = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/console")
+        .or_else(|_| OpenOptions::new().read(true).write(true).open("/dev/null"));
+    // Without either there is nothing to write an error to; carry on without stdio.
+    if let Ok(f) = target {
+        let _ = nix::unistd::dup2_stdin(&f);
+        let _ = nix::unistd::dup2_stdout(&f);
+        let _ = nix::unistd::dup2_stderr(&f);
+    }
+}
+
 /// The guest console, if the VM has one (the VMM turns it off by default).
 pub struct Console(Option<File>);
 

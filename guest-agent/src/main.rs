@@ -3,17 +3,29 @@
 //! Today it prepares the guest (mounts /proc, /sys, /dev), reports that it is ready on
 //! the console and powers the VM off when asked. It will run the pod's containers,
 //! served over ttrpc on vsock.
+//!
+//! `no_main`: with the VM's console off the kernel starts PID 1 with fds 0-2 closed,
+//! and Rust's runtime, before `main`, would fill them from /dev/null, which does not
+//! exist until the agent mounts /dev, and abort. PID 1 dying panics the kernel, so
+//! the agent starts from the C entry point and sets up its fds itself.
+#![cfg_attr(not(test), no_main)]
 
+#[cfg_attr(test, allow(dead_code))]
 mod init;
 
-use std::io::Write;
-
-fn main() {
+#[cfg(not(test))]
+#[no_mangle]
+extern "C" fn main(
+    _argc: std::ffi::c_int,
+    _argv: *const *const std::ffi::c_char,
+) -> std::ffi::c_int {
+    use std::io::Write;
     if std::process::id() != 1 {
         eprintln!("peapod-agent: must run as PID 1, the guest's /init");
-        std::process::exit(1);
+        return 1;
     }
     init::mount_filesystems();
+    init::standard_fds();
     let mut console = init::Console::open();
     let release = nix::sys::utsname::uname()
         .map(|u| u.release().to_string_lossy().into_owned())

@@ -116,21 +116,24 @@ pub struct VmmProcess {
 }
 
 impl VmmProcess {
-    /// Starts the VMM on the test kernel and initramfs with the console in a file.
+    /// Starts the VMM on the test kernel and initramfs with the console in a file
+    /// (unless `extra_args` says where the console goes).
     pub fn start(extra_args: &[&str]) -> Self {
         require_kvm();
         let dir = tempfile::tempdir().unwrap();
         let api_socket = dir.path().join("api.sock");
         let console = dir.path().join("console.log");
-        let child = Command::new(vmm_binary())
-            .arg("--kernel")
+        let mut cmd = Command::new(vmm_binary());
+        cmd.arg("--kernel")
             .arg(kernel())
             .arg("--initrd")
             .arg(initrd())
             .arg("--api-socket")
-            .arg(&api_socket)
-            .arg("--console")
-            .arg(&console)
+            .arg(&api_socket);
+        if !extra_args.contains(&"--console") {
+            cmd.arg("--console").arg(&console);
+        }
+        let child = cmd
             .args(extra_args)
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

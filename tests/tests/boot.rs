@@ -1,6 +1,6 @@
 //! Boots the real guest kernel and initramfs under KVM.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use peapod_tests::{
     api, guest_kernel_release, host_kernel_release, ready_release, VmmProcess, BOOT_TIMEOUT,
@@ -56,6 +56,44 @@ fn two_vcpus_both_come_up() {
     assert!(
         console.contains("smp: Brought up 1 node, 2 CPUs"),
         "guest did not bring up both vCPUs:\n{console}"
+    );
+}
+
+/// Waits until the guest has booted and gone idle: a booting guest keeps its vCPU
+/// thread busy on this host; an idle one (the agent waiting) costs next to nothing.
+fn wait_until_idle(vm: &mut VmmProcess) {
+    let deadline = Instant::now() + BOOT_TIMEOUT;
+    loop {
+        let before = vm.cpu_time();
+        std::thread::sleep(Duration::from_secs(1));
+        assert!(vm.try_wait().is_none(), "VMM exited:\n{}", vm.stderr());
+        if vm.cpu_time() - before < Duration::from_millis(100) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "guest still busy after {BOOT_TIMEOUT:?}"
+        );
+    }
+}
+
+#[test]
+fn guest_without_a_console_boots_and_stays_up() {
+    // The default: no console, so PID 1 starts without stdin/stdout/stderr.
+    let mut vm = VmmProcess::start(&["--console", "off"]);
+    wait_until_idle(&mut vm);
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(
+        vm.try_wait().is_none(),
+        "the guest died after booting:\n{}",
+        vm.stderr()
+    );
+    assert_eq!(api(&vm.api_socket, "PUT", "/api/v1/vm.shutdown").0, 204);
+    let status = vm.wait_exit(Duration::from_secs(10));
+    let log = vm.stderr();
+    assert!(
+        status.success() && log.contains("shutdown requested over the API"),
+        "{log}"
     );
 }
 
