@@ -2,7 +2,11 @@
 SHELL := /bin/bash
 .SHELLFLAGS := -euo pipefail -c
 CARGO ?= cargo
-VMM := target/release/peapod-vmm
+# The VMM is static, like the agent: it starts faster (no dynamic loader) and its
+# jail will not need a single library. Same flags as rootfs/build.sh: one build.
+TRIPLE := x86_64-unknown-linux-gnu
+STATIC_BUILD := RUSTFLAGS="-C target-feature=+crt-static" $(CARGO) build --release --target $(TRIPLE)
+VMM := target/$(TRIPLE)/release/peapod-vmm
 
 .PHONY: demo test bench deps lint build
 
@@ -31,4 +35,5 @@ lint:
 	$(CARGO) clippy --all-targets -- -D warnings
 
 build:
-	$(CARGO) build --release -p peapod-vmm
+	$(STATIC_BUILD) -p peapod-vmm
+	@if readelf -l $(VMM) | grep -q INTERP; then echo "$(VMM) is not static" >&2; exit 1; fi

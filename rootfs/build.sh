@@ -17,8 +17,9 @@ command -v cpio >/dev/null || {
 }
 
 # There is no musl target here: link glibc statically. An explicit --target keeps
-# these flags away from the host build of the rest of the workspace.
-(cd "$repo" && RUSTFLAGS="-C target-feature=+crt-static -C strip=symbols" \
+# these flags away from the host build (proc macros cannot be static); the VMM is
+# built the same way (Makefile), with the same flags, so the two share one build.
+(cd "$repo" && RUSTFLAGS="-C target-feature=+crt-static" \
     cargo build --quiet --release -p peapod-agent --target "$triple" >&2)
 agent=$repo/target/$triple/release/peapod-agent
 if readelf -l "$agent" | grep -q INTERP; then
