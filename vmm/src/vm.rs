@@ -156,7 +156,8 @@ pub fn run(config: &VmConfig) -> Result<ExitReason, VmError> {
     registered.expect("memory registration does not panic")?;
     timeline.mark("guest memory registered");
 
-    let mut api_socket = ApiSocket::bind(&config.api_socket_path())?;
+    // Handlers first: a SIGTERM that lands once the socket exists must still run the
+    // teardown that removes it.
     let (signals, signal_pipe) = UnixStream::pair().map_err(io_err("signal pipe"))?;
     for sig in [libc::SIGTERM, libc::SIGINT] {
         let pipe = signal_pipe.try_clone().map_err(io_err("signal pipe"))?;
@@ -166,6 +167,7 @@ pub fn run(config: &VmConfig) -> Result<ExitReason, VmError> {
         .set_nonblocking(true)
         .map_err(io_err("signal pipe"))?;
     vcpu::register_kick_handler().map_err(io_err("vCPU kick handler"))?;
+    let mut api_socket = ApiSocket::bind(&config.api_socket_path())?;
 
     let (api_calls, api_queue) = mpsc::channel();
     let api_wake = EventFd::new(EFD_NONBLOCK).map_err(io_err("api eventfd"))?;
