@@ -152,3 +152,22 @@ fn sigterm_stops_the_vmm_cleanly() {
     assert!(log.contains("stopped by SIGTERM"), "{log}");
     assert!(!vm.api_socket.exists());
 }
+
+#[test]
+fn shutdown_and_sigterm_while_paused_stop_the_vmm() {
+    // Parked vCPU threads must wake and end on either kind of stop.
+    for stop in ["api", "sigterm"] {
+        let mut vm = VmmProcess::start(&[]);
+        vm.wait_for_api(Duration::from_secs(10));
+        assert_eq!(api(&vm.api_socket, "PUT", "/api/v1/vm.pause").0, 204);
+        if stop == "api" {
+            assert_eq!(api(&vm.api_socket, "PUT", "/api/v1/vm.shutdown").0, 204);
+        } else {
+            // SAFETY: kill(2) on our own child's pid.
+            assert_eq!(unsafe { libc::kill(vm.pid(), libc::SIGTERM) }, 0);
+        }
+        let status = vm.wait_exit(Duration::from_secs(10));
+        assert!(status.success(), "{stop}: {status}\n{}", vm.stderr());
+        assert!(!vm.api_socket.exists(), "{stop}: socket left behind");
+    }
+}
