@@ -57,6 +57,10 @@ fn two_vcpus_both_come_up() {
         console.contains("smp: Brought up 1 node, 2 CPUs"),
         "guest did not bring up both vCPUs:\n{console}"
     );
+    assert!(
+        console.contains("smpboot: Max logical packages: 1"),
+        "the vCPUs are cores of one package, not packages of their own:\n{console}"
+    );
 }
 
 /// Waits until the guest has booted and gone idle: a booting guest keeps its vCPU
