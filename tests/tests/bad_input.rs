@@ -217,16 +217,10 @@ fn unwritable_console_and_busy_api_socket_are_named() {
     // A live listener on the socket path belongs to someone else: refuse, leave it.
     let busy = dir.path().join("api.sock");
     let _listener = std::os::unix::net::UnixListener::bind(&busy).unwrap();
-    let out = Command::new(vmm_binary())
-        .args(["--api-socket", busy.to_str().unwrap()])
-        .arg("--kernel")
-        .arg(kernel())
-        .arg("--initrd")
-        .arg(initrd())
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
-    assert!(stderr.contains("another process is listening"), "{stderr}");
+    assert_fails(
+        dir.path(),
+        &["--kernel", "{kernel}", "--initrd", "{initrd}"],
+        &["api.sock", "another process is listening"],
+    );
     assert!(busy.exists(), "the other process's socket is left alone");
 }
