@@ -83,6 +83,8 @@ pub enum VmError {
     Api(#[from] crate::api::ApiError),
     #[error(transparent)]
     Vcpu(#[from] crate::vcpu::VcpuError),
+    #[error("devices: {0}")]
+    Devices(#[from] peapod_devices::PioError),
     #[error("event loop: {0}")]
     EventLoop(String),
     #[error("{what}: {source}")]
@@ -320,12 +322,10 @@ impl Timeline {
 
 fn build_pio_bus(vm: &VmFd, config: &VmConfig, reset: &EventFd) -> Result<PioBus, VmError> {
     let mut bus = PioBus::new();
-    let device_err = |e: peapod_devices::PioError| VmError::EventLoop(e.to_string());
     let i8042: Arc<Mutex<dyn PioDevice>> = Arc::new(Mutex::new(I8042::new(
         reset.try_clone().map_err(io_err("reset eventfd"))?,
     )));
-    bus.insert(I8042_PORT_BASE, I8042_PORT_LEN, i8042)
-        .map_err(device_err)?;
+    bus.insert(I8042_PORT_BASE, I8042_PORT_LEN, i8042)?;
 
     let out: Box<dyn Write + Send> = match &config.console {
         Console::Off => return Ok(bus),
@@ -345,8 +345,7 @@ fn build_pio_bus(vm: &VmFd, config: &VmConfig, reset: &EventFd) -> Result<PioBus
     vm.register_irqfd(&irq, COM1_IRQ)
         .map_err(kvm_err("register serial irqfd"))?;
     let serial: Arc<Mutex<dyn PioDevice>> = Arc::new(Mutex::new(SerialConsole::new(irq, out)));
-    bus.insert(COM1_PORT_BASE, COM1_PORT_LEN, serial)
-        .map_err(device_err)?;
+    bus.insert(COM1_PORT_BASE, COM1_PORT_LEN, serial)?;
     Ok(bus)
 }
 
