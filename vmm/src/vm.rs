@@ -373,6 +373,7 @@ struct Controller {
     api_wake: EventFd,
     api_queue: mpsc::Receiver<ApiCall>,
     vcpus: Vcpus,
+    /// What `vm.info` reports besides the state, which the vCPU controls hold.
     info: VmInfo,
 }
 
@@ -383,13 +384,17 @@ impl Controller {
             message: message.into(),
         };
         match request {
-            ApiRequest::Info => ApiResponse::Info(self.info.clone()),
+            ApiRequest::Info => ApiResponse::Info(VmInfo {
+                state: if self.vcpus.is_paused() {
+                    "paused"
+                } else {
+                    "running"
+                },
+                ..self.info.clone()
+            }),
             ApiRequest::Pause if self.vcpus.is_paused() => conflict("the VM is already paused"),
             ApiRequest::Pause => match self.vcpus.pause() {
-                Ok(()) => {
-                    self.info.state = "paused";
-                    ApiResponse::Done
-                }
+                Ok(()) => ApiResponse::Done,
                 Err(e) => ApiResponse::Error {
                     status: 500,
                     message: e.to_string(),
@@ -398,7 +403,6 @@ impl Controller {
             ApiRequest::Resume if !self.vcpus.is_paused() => conflict("the VM is not paused"),
             ApiRequest::Resume => {
                 self.vcpus.resume();
-                self.info.state = "running";
                 ApiResponse::Done
             }
             ApiRequest::Shutdown => {
