@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use kvm_bindings::kvm_run;
 use kvm_ioctls::{VcpuExit, VcpuFd};
-use peapod_devices::PioBus;
+use peapod_devices::Bus;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 
@@ -106,7 +106,8 @@ pub struct Vcpus {
 /// Everything a vCPU thread needs besides its own fd.
 #[derive(Clone)]
 pub struct VcpuContext {
-    pub pio: Arc<PioBus>,
+    pub pio: Arc<Bus>,
+    pub mmio: Arc<Bus>,
     pub memory: GuestMemoryMmap,
     pub exit: Arc<ExitSignal>,
 }
@@ -211,20 +212,25 @@ fn run_vcpu(id: u8, mut fd: VcpuFd, control: &VcpuControl, ctx: &VcpuContext) {
 fn run_once(id: u8, fd: &mut VcpuFd, ctx: &VcpuContext) -> Option<ExitReason> {
     match fd.run() {
         Ok(VcpuExit::IoIn(port, data)) => {
-            if !ctx.pio.read(port, data) {
+            if !ctx.pio.read(u64::from(port), data) {
                 data.fill(0xff); // nothing on the bus
             }
             None
         }
         Ok(VcpuExit::IoOut(port, data)) => {
-            ctx.pio.write(port, data);
+            ctx.pio.write(u64::from(port), data);
             None
         }
-        Ok(VcpuExit::MmioRead(_, data)) => {
-            data.fill(0xff);
+        Ok(VcpuExit::MmioRead(addr, data)) => {
+            if !ctx.mmio.read(addr, data) {
+                data.fill(0xff);
+            }
             None
         }
-        Ok(VcpuExit::MmioWrite(..)) => None,
+        Ok(VcpuExit::MmioWrite(addr, data)) => {
+            ctx.mmio.write(addr, data);
+            None
+        }
         Ok(VcpuExit::Shutdown) => Some(ExitReason::GuestReset), // triple fault: reboot=t
         Ok(VcpuExit::SystemEvent(kind, _)) => {
             log::info!("vcpu{id}: system event {kind}");

@@ -18,7 +18,7 @@ use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 use peapod_devices::legacy::{
     SerialConsole, COM1_IRQ, COM1_PORT_BASE, COM1_PORT_LEN, I8042, I8042_PORT_BASE, I8042_PORT_LEN,
 };
-use peapod_devices::{PioBus, PioDevice};
+use peapod_devices::{Bus, BusDevice};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -84,7 +84,7 @@ pub enum VmError {
     #[error(transparent)]
     Vcpu(#[from] crate::vcpu::VcpuError),
     #[error("devices: {0}")]
-    Devices(#[from] peapod_devices::PioError),
+    Devices(#[from] peapod_devices::BusError),
     #[error("event loop: {0}")]
     EventLoop(String),
     #[error("{what}: {source}")]
@@ -191,6 +191,7 @@ pub fn run(config: &VmConfig) -> Result<ExitReason, VmError> {
 
     let ctx = VcpuContext {
         pio: Arc::new(pio),
+        mmio: Arc::new(Bus::new()),
         memory: memory.clone(),
         exit: exit.clone(),
     };
@@ -224,7 +225,7 @@ pub fn run(config: &VmConfig) -> Result<ExitReason, VmError> {
 /// A guest ready to run, but for its vCPU threads.
 struct Prepared {
     vcpu_fds: Vec<VcpuFd>,
-    pio: PioBus,
+    pio: Bus,
     exit: Arc<ExitSignal>,
     reset: EventFd,
 }
@@ -320,12 +321,12 @@ impl Timeline {
     }
 }
 
-fn build_pio_bus(vm: &VmFd, config: &VmConfig, reset: &EventFd) -> Result<PioBus, VmError> {
-    let mut bus = PioBus::new();
-    let i8042: Arc<Mutex<dyn PioDevice>> = Arc::new(Mutex::new(I8042::new(
+fn build_pio_bus(vm: &VmFd, config: &VmConfig, reset: &EventFd) -> Result<Bus, VmError> {
+    let mut bus = Bus::new();
+    let i8042: Arc<Mutex<dyn BusDevice>> = Arc::new(Mutex::new(I8042::new(
         reset.try_clone().map_err(io_err("reset eventfd"))?,
     )));
-    bus.insert(I8042_PORT_BASE, I8042_PORT_LEN, i8042)?;
+    bus.insert(I8042_PORT_BASE.into(), I8042_PORT_LEN.into(), i8042)?;
 
     let out: Box<dyn Write + Send> = match &config.console {
         Console::Off => return Ok(bus),
@@ -344,8 +345,8 @@ fn build_pio_bus(vm: &VmFd, config: &VmConfig, reset: &EventFd) -> Result<PioBus
     let irq = EventFd::new(EFD_NONBLOCK).map_err(io_err("serial irqfd"))?;
     vm.register_irqfd(&irq, COM1_IRQ)
         .map_err(kvm_err("register serial irqfd"))?;
-    let serial: Arc<Mutex<dyn PioDevice>> = Arc::new(Mutex::new(SerialConsole::new(irq, out)));
-    bus.insert(COM1_PORT_BASE, COM1_PORT_LEN, serial)?;
+    let serial: Arc<Mutex<dyn BusDevice>> = Arc::new(Mutex::new(SerialConsole::new(irq, out)));
+    bus.insert(COM1_PORT_BASE.into(), COM1_PORT_LEN.into(), serial)?;
     Ok(bus)
 }
 

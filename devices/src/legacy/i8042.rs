@@ -6,7 +6,7 @@ use vm_superio::I8042Device;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::EventFdTrigger;
-use crate::PioDevice;
+use crate::BusDevice;
 
 /// Data port 0x60 through command/status port 0x64.
 pub const I8042_PORT_BASE: u16 = 0x60;
@@ -25,14 +25,14 @@ impl I8042 {
     }
 }
 
-impl PioDevice for I8042 {
-    fn read(&mut self, offset: u16, data: &mut [u8]) {
+impl BusDevice for I8042 {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
         // Status 0: output buffer empty, input buffer empty; Linux's kb_wait() passes.
         let value = u8::try_from(offset).map_or(0xff, |off| self.controller.read(off));
         data.fill(value);
     }
 
-    fn write(&mut self, offset: u16, data: &[u8]) {
+    fn write(&mut self, offset: u64, data: &[u8]) {
         if let (Ok(offset), [value]) = (u8::try_from(offset), data) {
             if let Err(e) = self.controller.write(offset, *value) {
                 log::error!("i8042: cannot signal the guest's reset request: {e}");

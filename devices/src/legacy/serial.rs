@@ -9,7 +9,7 @@ use vm_superio::Serial;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::EventFdTrigger;
-use crate::PioDevice;
+use crate::BusDevice;
 
 pub const COM1_PORT_BASE: u16 = 0x3f8;
 pub const COM1_PORT_LEN: u16 = 8;
@@ -29,15 +29,15 @@ impl SerialConsole {
     }
 }
 
-impl PioDevice for SerialConsole {
-    fn read(&mut self, offset: u16, data: &mut [u8]) {
+impl BusDevice for SerialConsole {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
         match (u8::try_from(offset), data) {
             (Ok(offset), [byte]) => *byte = self.uart.read(offset),
             (_, data) => data.fill(0xff),
         }
     }
 
-    fn write(&mut self, offset: u16, data: &[u8]) {
+    fn write(&mut self, offset: u64, data: &[u8]) {
         if let (Ok(offset), [byte]) = (u8::try_from(offset), data) {
             // A console that cannot be written (full disk, closed pipe) must not stop
             // the guest; losing console output is the lesser harm.
