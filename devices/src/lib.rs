@@ -2,9 +2,11 @@
 //!
 //! `legacy` holds the two port-I/O devices a Linux guest needs to have a console and
 //! to reset itself (8250 UART and i8042); `bus` is how the vCPU threads dispatch port
-//! I/O and MMIO. Virtio devices come next and live beside them, one folder each.
+//! I/O and MMIO; `virtio` holds the virtio-mmio transport and one folder per virtio
+//! device.
 
 pub mod bus;
 pub mod legacy;
+pub mod virtio;
 
 pub use bus::{Bus, BusDevice, BusError};
