@@ -79,8 +79,9 @@ impl MmioTransport {
         &self.kicks
     }
 
-    pub fn device(&self) -> &Arc<Mutex<dyn VirtioDevice>> {
-        &self.device
+    /// The queues as the driver configured them (for reporting).
+    pub fn queues(&self) -> &[Queue] {
+        &self.queues
     }
 
     /// The driver status register as the guest reads it.
@@ -271,7 +272,8 @@ impl MmioTransport {
 
     fn reset(&mut self) {
         if !lock(&self.device).reset() {
-            log::warn!("virtio-mmio: device cannot be reset while running");
+            // Linux resets its devices on the way to power-off; nothing to do then.
+            log::debug!("virtio-mmio: device cannot be reset while running");
             self.broken = true;
             return;
         }

@@ -11,6 +11,7 @@
 //! A device is inert until activated: before that its event handler listens only for
 //! its activation eventfd.
 
+pub mod block;
 pub mod mmio;
 
 pub mod rng;

@@ -1,0 +1,350 @@
+use std::mem::offset_of;
+use std::sync::Arc;
+
+use virtio_bindings::virtio_blk::*;
+use virtio_queue::Queue;
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::disk::{Disk, BOUNCE_BYTES, SECTOR_SIZE};
+use super::request::{self, SEG_MAX, SIZE_MAX};
+use super::{BlockBacking, BlockError};
+use crate::virtio::{serve_queue, ActivateError, Activation, Interrupt, VirtioDevice, TYPE_BLOCK};
+
+pub(super) const QUEUE_SIZE: u16 = 256;
+/// The configuration space up to the last field the device offers (blk_size).
+const CONFIG_BYTES: usize = offset_of!(virtio_blk_config, blk_size) + 4;
+
+pub(super) struct Active {
+    pub memory: GuestMemoryMmap,
+    pub queue: Queue,
+    pub kick: EventFd,
+}
+
+/// A virtio-blk device: a slot that holds one backing file, or none.
+pub struct Block {
+    interrupt: Arc<Interrupt>,
+    features: u64,
+    disk: Option<Disk>,
+    /// Where request data passes between the file and guest memory.
+    bounce: Vec<u8>,
+    pub(super) activate_evt: EventFd,
+    pub(super) active: Option<Active>,
+    broken: bool,
+}
+
+impl Block {
+    /// A slot with `backing` in it, or an empty one (capacity 0). A read-only backing
+    /// at boot makes the guest see a read-only disk (VIRTIO_BLK_F_RO) for good.
+    pub fn new(
+        backing: Option<BlockBacking>,
+        interrupt: Arc<Interrupt>,
+    ) -> Result<Self, BlockError> {
+        let disk = backing.map(Disk::open).transpose()?;
+        let mut features = 1 << VIRTIO_BLK_F_FLUSH
+            | 1 << VIRTIO_BLK_F_SEG_MAX
+            | 1 << VIRTIO_BLK_F_SIZE_MAX
+            | 1 << VIRTIO_BLK_F_BLK_SIZE;
+        if disk.as_ref().is_some_and(|d| d.backing.read_only) {
+            features |= 1 << VIRTIO_BLK_F_RO;
+        }
+        Ok(Self {
+            interrupt,
+            features,
+            disk,
+            bounce: vec![0; BOUNCE_BYTES],
+            activate_evt: EventFd::new(EFD_NONBLOCK).map_err(BlockError::EventFd)?,
+            active: None,
+            broken: false,
+        })
+    }
+
+    /// Puts `backing` in the slot (or empties it with `None`) and tells the guest the
+    /// capacity changed. The new file is opened first: on error the slot is unchanged.
+    ///
+    /// Whether the guest sees the disk as read-only (VIRTIO_BLK_F_RO) was settled at
+    /// feature negotiation and cannot follow a new backing; the device enforces a
+    /// read-only backing itself by failing writes (flushes succeed: nothing to flush).
+    pub fn set_backing(&mut self, backing: Option<BlockBacking>) -> Result<(), BlockError> {
+        let disk = backing.map(Disk::open).transpose()?;
+        match &disk {
+            Some(d) => log::debug!(
+                "virtio-blk: slot now serves {} ({} sectors{}, ID {:?})",
+                d.backing.path.display(),
+                d.sectors,
+                if d.backing.read_only {
+                    ", read-only"
+                } else {
+                    ""
+                },
+                d.backing.id
+            ),
+            None => log::debug!("virtio-blk: slot emptied"),
+        }
+        // Requests run on this thread, so none is using the old file.
+        self.disk = disk;
+        // Linux re-reads the capacity on this interrupt and resizes the disk.
+        self.interrupt.signal_config_change();
+        Ok(())
+    }
+
+    pub fn backing(&self) -> Option<&BlockBacking> {
+        self.disk.as_ref().map(|d| &d.backing)
+    }
+
+    /// The capacity the guest sees, in 512-byte sectors; 0 for an empty slot.
+    pub fn capacity_sectors(&self) -> u64 {
+        self.disk.as_ref().map_or(0, |d| d.sectors)
+    }
+
+    /// Answers every request the guest made available.
+    pub fn process_queue(&mut self) {
+        let Some(active) = self.active.as_mut().filter(|_| !self.broken) else {
+            return;
+        };
+        let memory = &active.memory;
+        let disk = self.disk.as_ref();
+        let bounce = &mut self.bounce;
+        if let Err(e) = serve_queue(&mut active.queue, memory, &self.interrupt, |chain| {
+            request::serve(chain, memory, disk, bounce)
+        }) {
+            log::warn!("virtio-blk: the driver broke the request queue ({e}); device stopped");
+            self.broken = true;
+            self.interrupt.signal_needs_reset();
+        }
+    }
+
+    fn config_space(&self) -> [u8; CONFIG_BYTES] {
+        let mut config = [0; CONFIG_BYTES];
+        let mut put = |offset: usize, bytes: &[u8]| {
+            config[offset..offset + bytes.len()].copy_from_slice(bytes);
+        };
+        put(
+            offset_of!(virtio_blk_config, capacity),
+            &self.capacity_sectors().to_le_bytes(),
+        );
+        put(
+            offset_of!(virtio_blk_config, size_max),
+            &SIZE_MAX.to_le_bytes(),
+        );
+        put(
+            offset_of!(virtio_blk_config, seg_max),
+            &SEG_MAX.to_le_bytes(),
+        );
+        put(
+            offset_of!(virtio_blk_config, blk_size),
+            &(SECTOR_SIZE as u32).to_le_bytes(),
+        );
+        config
+    }
+}
+
+impl VirtioDevice for Block {
+    fn device_type(&self) -> u32 {
+        TYPE_BLOCK
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE]
+    }
+
+    fn features(&self) -> u64 {
+        self.features
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        crate::virtio::read_config_bytes(&self.config_space(), offset, data);
+    }
+
+    fn interrupt(&self) -> &Arc<Interrupt> {
+        &self.interrupt
+    }
+
+    fn activate(&mut self, activation: Activation) -> Result<(), ActivateError> {
+        let Activation {
+            memory,
+            queues,
+            kicks,
+            ..
+        } = activation;
+        let got = queues.len();
+        let (Ok([queue]), Ok([kick])) = (
+            <[Queue; 1]>::try_from(queues),
+            <[EventFd; 1]>::try_from(kicks),
+        ) else {
+            return Err(ActivateError::QueueCount { got, wanted: 1 });
+        };
+        self.active = Some(Active {
+            memory,
+            queue,
+            kick,
+        });
+        self.activate_evt.write(1).map_err(ActivateError::Wake)
+    }
+
+    fn is_activated(&self) -> bool {
+        self.active.is_some()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::virtio::block::test_support::*;
+    use crate::virtio::test_utils::*;
+    use virtio_bindings::virtio_mmio::VIRTIO_MMIO_INT_CONFIG;
+
+    fn config_u64(block: &Block, offset: usize) -> u64 {
+        let mut b = [0; 8];
+        block.read_config(offset as u64, &mut b);
+        u64::from_le_bytes(b)
+    }
+
+    fn config_u32(block: &Block, offset: usize) -> u32 {
+        let mut b = [0; 4];
+        block.read_config(offset as u64, &mut b);
+        u32::from_le_bytes(b)
+    }
+
+    #[test]
+    fn offers_read_only_only_for_a_read_only_boot_backing() {
+        let image = TempImage::new(&pattern(512));
+        let always = 1 << VIRTIO_BLK_F_FLUSH
+            | 1 << VIRTIO_BLK_F_SEG_MAX
+            | 1 << VIRTIO_BLK_F_SIZE_MAX
+            | 1 << VIRTIO_BLK_F_BLK_SIZE;
+        let ro = 1 << VIRTIO_BLK_F_RO;
+        let block = Block::new(Some(image.backing(true, "a")), interrupt()).unwrap();
+        assert_eq!(block.features(), always | ro);
+        let block = Block::new(Some(image.backing(false, "a")), interrupt()).unwrap();
+        assert_eq!(block.features(), always);
+        let mut block = Block::new(None, interrupt()).unwrap();
+        assert_eq!(block.features(), always);
+        block.set_backing(Some(image.backing(true, "a"))).unwrap();
+        assert_eq!(block.features(), always, "features are fixed at boot");
+    }
+
+    #[test]
+    fn config_space_follows_the_spec_layout() {
+        let image = TempImage::new(&pattern(8 * 512 + 100));
+        let block = Block::new(Some(image.backing(false, "a")), interrupt()).unwrap();
+        assert_eq!(
+            block.capacity_sectors(),
+            8,
+            "a partial last sector is dropped"
+        );
+        assert_eq!(config_u64(&block, 0), 8, "capacity");
+        assert_eq!(config_u32(&block, 8), SIZE_MAX, "size_max");
+        assert_eq!(config_u32(&block, 12), u32::from(QUEUE_SIZE) - 2, "seg_max");
+        assert_eq!(config_u32(&block, 20), 512, "blk_size");
+        assert_eq!(config_u32(&block, 24), 0, "past the fields offered");
+        assert_eq!(config_u64(&block, 1 << 40), 0);
+        // A driver reading the capacity as two halves.
+        let mut low = [0xff; 4];
+        block.read_config(4, &mut low);
+        assert_eq!(low, [0; 4]);
+        assert_eq!(block.queue_max_sizes(), &[256]);
+        assert_eq!(block.device_type(), TYPE_BLOCK);
+    }
+
+    #[test]
+    fn set_backing_changes_capacity_and_tells_the_guest() {
+        let small = TempImage::new(&pattern(4 * 512));
+        let big = TempImage::new(&vec![0x77; 16 * 512]);
+        let memory = memory();
+        let q = TestQueue::new(&memory, 0, QUEUE_SIZE);
+        let mut block = active_block(&memory, &q, Some(small.backing(false, "small")));
+        let interrupt = block.interrupt().clone();
+        let generation = interrupt.config_generation();
+        assert!(!interrupted(&interrupt));
+
+        block.set_backing(Some(big.backing(false, "big"))).unwrap();
+        assert!(interrupted(&interrupt), "config change interrupt raised");
+        assert_ne!(interrupt.status() & VIRTIO_MMIO_INT_CONFIG, 0);
+        assert_ne!(interrupt.config_generation(), generation);
+        assert_eq!(config_u64(&block, 0), 16);
+        assert_eq!(block.capacity_sectors(), 16);
+        assert_eq!(block.backing(), Some(&big.backing(false, "big")));
+
+        // Requests now reach the new file, including past the old capacity.
+        submit(&memory, &q, VIRTIO_BLK_T_IN, 10, &[writable(DATA, 512)]);
+        block.process_queue();
+        assert_eq!(status(&memory), VIRTIO_BLK_S_OK as u8);
+        assert_eq!(read(&memory, DATA, 512), vec![0x77; 512]);
+        submit(&memory, &q, VIRTIO_BLK_T_GET_ID, 0, &[writable(DATA, 20)]);
+        block.process_queue();
+        assert_eq!(read(&memory, DATA, 4), b"big\0");
+
+        // Emptied: capacity 0 and reads fail.
+        block.set_backing(None).unwrap();
+        assert!(interrupted(&interrupt));
+        assert_eq!(config_u64(&block, 0), 0);
+        assert_eq!(block.backing(), None);
+        submit(&memory, &q, VIRTIO_BLK_T_IN, 0, &[writable(DATA, 512)]);
+        block.process_queue();
+        assert_eq!(status(&memory), VIRTIO_BLK_S_IOERR as u8);
+    }
+
+    #[test]
+    fn a_failed_set_backing_keeps_the_old_one() {
+        let image = TempImage::new(&pattern(4 * 512));
+        let old = image.backing(false, "old");
+        let mut block = Block::new(Some(old.clone()), interrupt()).unwrap();
+        let missing = BlockBacking {
+            path: std::env::temp_dir().join("peapod-blk-test-missing.img"),
+            read_only: false,
+            id: "new".into(),
+        };
+        let err = block.set_backing(Some(missing)).err().unwrap();
+        assert!(
+            err.to_string().contains("peapod-blk-test-missing.img"),
+            "{err}"
+        );
+        let too_long = image.backing(false, "an-id-of-twenty-one-b");
+        assert!(matches!(
+            block.set_backing(Some(too_long)),
+            Err(BlockError::IdTooLong { .. })
+        ));
+        assert_eq!(block.backing(), Some(&old));
+        assert_eq!(block.capacity_sectors(), 4);
+        assert!(!interrupted(block.interrupt()), "no config change");
+    }
+
+    #[test]
+    fn a_read_only_backing_set_later_is_enforced_by_the_device() {
+        let before = pattern(4 * 512);
+        let image = TempImage::new(&before);
+        let memory = memory();
+        let q = TestQueue::new(&memory, 0, QUEUE_SIZE);
+        let mut block = active_block(&memory, &q, None);
+        block.set_backing(Some(image.backing(true, "ro"))).unwrap();
+        fill(&memory, DATA, &[0xab; 512]);
+        submit(&memory, &q, VIRTIO_BLK_T_OUT, 0, &[readable(DATA, 512)]);
+        block.process_queue();
+        assert_eq!(status(&memory), VIRTIO_BLK_S_IOERR as u8);
+        assert_eq!(image.contents(), before);
+    }
+
+    #[test]
+    fn a_missing_boot_backing_is_an_error() {
+        let missing = BlockBacking {
+            path: std::env::temp_dir().join("peapod-blk-test-missing-at-boot.img"),
+            read_only: true,
+            id: "a".into(),
+        };
+        let err = Block::new(Some(missing), interrupt()).err().unwrap();
+        assert!(matches!(err, BlockError::NotFound { .. }), "{err}");
+    }
+
+    #[test]
+    fn activation_needs_exactly_one_queue() {
+        let memory = memory();
+        let mut block = Block::new(None, interrupt()).unwrap();
+        let (activation, _kicks) = activation(&memory, 0, vec![]);
+        assert!(matches!(
+            block.activate(activation),
+            Err(ActivateError::QueueCount { got: 0, wanted: 1 })
+        ));
+        assert!(!block.is_activated());
+    }
+}
