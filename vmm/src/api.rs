@@ -6,7 +6,10 @@
 //! | PUT | /api/v1/vm.pause | stops the vCPUs (204) |
 //! | PUT | /api/v1/vm.resume | restarts them (204) |
 //! | PUT | /api/v1/vm.shutdown | ends the VMM with a clean teardown (204) |
+//! | PUT | /api/v1/block.set | `{"slot", "path", "read_only", "id"}`: gives a block slot a backing file (204) |
+//! | PUT | /api/v1/block.clear | `{"slot"}`: empties a block slot (204) |
 //!
+//! `vm.info` also lists the virtio devices with their state and queue addresses.
 //! The API thread only parses and answers; the event loop owns the VM and acts.
 
 use std::io::{Read, Write};
@@ -15,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use vmm_sys_util::eventfd::EventFd;
 
 const API_PREFIX: &str = "/api/v1/";
@@ -25,12 +28,35 @@ const MAX_HEADERS: usize = 32;
 /// How long a connection may sit idle mid-request.
 const READ_TIMEOUT: Duration = Duration::from_secs(10);
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ApiRequest {
     Info,
     Pause,
     Resume,
     Shutdown,
+    BlockSet(BlockSet),
+    BlockClear(BlockClear),
+}
+
+/// The body of `block.set`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BlockSet {
+    /// Index among the VM's block devices (boot disks first, then empty slots).
+    pub slot: usize,
+    pub path: PathBuf,
+    #[serde(default)]
+    pub read_only: bool,
+    /// The serial the guest reads (at most 20 bytes).
+    #[serde(default)]
+    pub id: Option<String>,
+}
+
+/// The body of `block.clear`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BlockClear {
+    pub slot: usize,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -39,6 +65,7 @@ pub struct VmInfo {
     pub vcpus: u8,
     pub memory_mib: u32,
     pub platform_quirks: bool,
+    pub devices: Vec<crate::devices::DeviceInfo>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -46,6 +73,18 @@ pub enum ApiResponse {
     Info(VmInfo),
     Done,
     Error { status: u16, message: String },
+}
+
+impl From<Result<(), crate::devices::SlotError>> for ApiResponse {
+    fn from(r: Result<(), crate::devices::SlotError>) -> Self {
+        match r {
+            Ok(()) => ApiResponse::Done,
+            Err(e) => ApiResponse::Error {
+                status: e.status(),
+                message: e.to_string(),
+            },
+        }
+    }
 }
 
 /// A request on its way to the event loop, with the channel for its answer.
@@ -128,6 +167,7 @@ impl Drop for ApiSocket {
 struct HttpRequest {
     method: String,
     path: String,
+    body: Vec<u8>,
     keep_alive: bool,
 }
 
@@ -167,28 +207,30 @@ fn parse_request(buf: &[u8]) -> Result<Option<(HttpRequest, usize)>, HttpError> 
         HttpRequest {
             method: req.method.unwrap_or_default().to_string(),
             path: req.path.unwrap_or_default().to_string(),
+            body: buf[head_len..head_len + body_len].to_vec(),
             keep_alive,
         },
         head_len + body_len,
     )))
 }
 
-fn route(method: &str, path: &str) -> Result<ApiRequest, HttpError> {
+fn route(method: &str, path: &str, body: &[u8]) -> Result<ApiRequest, HttpError> {
     let action = path.strip_prefix(API_PREFIX).ok_or_else(|| {
         HttpError(
             404,
             format!("{path}: not found; the API lives under {API_PREFIX}"),
         )
     })?;
-    let (request, expected) = match action {
-        "vm.info" => (ApiRequest::Info, "GET"),
-        "vm.pause" => (ApiRequest::Pause, "PUT"),
-        "vm.resume" => (ApiRequest::Resume, "PUT"),
-        "vm.shutdown" => (ApiRequest::Shutdown, "PUT"),
+    let expected = match action {
+        "vm.info" => "GET",
+        "vm.pause" | "vm.resume" | "vm.shutdown" | "block.set" | "block.clear" => "PUT",
         _ => {
             return Err(HttpError(
                 404,
-                format!("{path}: no such endpoint (vm.info, vm.pause, vm.resume, vm.shutdown)"),
+                format!(
+                    "{path}: no such endpoint (vm.info, vm.pause, vm.resume, vm.shutdown, \
+                     block.set, block.clear)"
+                ),
             ))
         }
     };
@@ -198,7 +240,25 @@ fn route(method: &str, path: &str) -> Result<ApiRequest, HttpError> {
             format!("{path} takes {expected}, not {method}"),
         ));
     }
-    Ok(request)
+    let json = |example: &str| {
+        let example = example.to_string();
+        move |e: serde_json::Error| {
+            HttpError(
+                400,
+                format!("{path}: bad JSON body: {e} (expected {example})"),
+            )
+        }
+    };
+    Ok(match action {
+        "vm.info" => ApiRequest::Info,
+        "vm.pause" => ApiRequest::Pause,
+        "vm.resume" => ApiRequest::Resume,
+        "vm.shutdown" => ApiRequest::Shutdown,
+        "block.set" => ApiRequest::BlockSet(serde_json::from_slice(body).map_err(json(
+            r#"{"slot": 1, "path": "/x.img", "read_only": true, "id": "layer0"}"#,
+        ))?),
+        _ => ApiRequest::BlockClear(serde_json::from_slice(body).map_err(json(r#"{"slot": 1}"#))?),
+    })
 }
 
 fn reason_phrase(status: u16) -> &'static str {
@@ -261,7 +321,7 @@ fn serve_connection(
             continue;
         };
         buf.drain(..used);
-        let (status, body) = match route(&req.method, &req.path) {
+        let (status, body) = match route(&req.method, &req.path, &req.body) {
             Err(HttpError(status, msg)) => (status, error_body(&msg)),
             Ok(request) => match call(request, calls, wake) {
                 ApiResponse::Info(info) => (200, serde_json::to_string(&info).ok()),
@@ -325,16 +385,46 @@ mod tests {
 
     #[test]
     fn routes_name_the_endpoint_and_the_method() {
-        assert_eq!(route("GET", "/api/v1/vm.info"), Ok(ApiRequest::Info));
+        assert_eq!(route("GET", "/api/v1/vm.info", b""), Ok(ApiRequest::Info));
         assert_eq!(
-            route("PUT", "/api/v1/vm.shutdown"),
+            route("PUT", "/api/v1/vm.shutdown", b""),
             Ok(ApiRequest::Shutdown)
         );
-        let e = route("GET", "/api/v1/vm.pause").unwrap_err();
+        let e = route("GET", "/api/v1/vm.pause", b"").unwrap_err();
         assert_eq!(e.0, 405);
         assert!(e.1.contains("takes PUT"));
-        assert_eq!(route("GET", "/api/v1/vm.nope").unwrap_err().0, 404);
-        assert_eq!(route("GET", "/vm.info").unwrap_err().0, 404);
+        assert_eq!(route("GET", "/api/v1/vm.nope", b"").unwrap_err().0, 404);
+        assert_eq!(route("GET", "/vm.info", b"").unwrap_err().0, 404);
+    }
+
+    #[test]
+    fn block_requests_carry_their_json_bodies() {
+        assert_eq!(
+            route(
+                "PUT",
+                "/api/v1/block.set",
+                br#"{"slot": 2, "path": "/l.img", "read_only": true, "id": "layer0"}"#
+            ),
+            Ok(ApiRequest::BlockSet(BlockSet {
+                slot: 2,
+                path: "/l.img".into(),
+                read_only: true,
+                id: Some("layer0".into())
+            }))
+        );
+        assert_eq!(
+            route("PUT", "/api/v1/block.clear", br#"{"slot": 0}"#),
+            Ok(ApiRequest::BlockClear(BlockClear { slot: 0 }))
+        );
+        let e = route("PUT", "/api/v1/block.set", br#"{"slot": 1}"#).unwrap_err();
+        assert_eq!(e.0, 400);
+        assert!(
+            e.1.contains("missing field `path`") && e.1.contains("expected {"),
+            "{}",
+            e.1
+        );
+        let e = route("PUT", "/api/v1/block.clear", br#"{"slot": 1, "x": 2}"#).unwrap_err();
+        assert!(e.1.contains("unknown field `x`"), "{}", e.1);
     }
 
     #[test]

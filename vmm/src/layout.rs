@@ -47,3 +47,9 @@ pub const APIC_START: u64 = 0xfee0_0000;
 
 /// Guest memory is sized and placed in units of 2 MiB, the huge-page size.
 pub const MEM_ALIGNMENT: u64 = 2 << 20;
+
+/// virtio-mmio devices sit 4 KiB apart at the bottom of the MMIO gap.
+pub const VIRTIO_MMIO_START: u64 = MMIO_GAP_START;
+/// Their interrupt lines: IO-APIC pins 5 up to the last pin (the PC's own devices keep
+/// 0-4; COM1 is 4).
+pub const VIRTIO_IRQ_FIRST: u32 = 5;

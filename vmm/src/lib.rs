@@ -7,6 +7,7 @@ pub mod api;
 pub mod boot;
 pub mod config;
 pub mod cpu;
+pub mod devices;
 pub mod exit;
 pub mod layout;
 pub mod logger;

@@ -1,4 +1,5 @@
-//! `peapod-vmm --kernel vmlinux --initrd initramfs.cpio [--console stdout]`
+//! `peapod-vmm --kernel vmlinux --initrd initramfs.cpio [--console stdout]
+//!   [--block path=disk.img,id=data] [--block-slots 4] [--net tap=tap0] [--vsock cid=3,socket=v.sock]`
 //!
 //! Exit codes: 0 the guest or an operator stopped the VM; 1 the VM could not be
 //! built (the message says why and what to do); 2 a command-line mistake; 3 the guest
@@ -9,7 +10,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use log::LevelFilter;
-use peapod_vmm::config::{Console, QuirksMode};
+use peapod_vmm::config::{BlockConfig, Console, NetConfig, QuirksMode, VsockConfig};
 use peapod_vmm::VmConfig;
 
 #[derive(Parser, Debug)]
@@ -43,6 +44,19 @@ struct Cli {
     /// Workarounds for a KVM that emulates guest kernel code: auto, on, off [default: auto]
     #[arg(long)]
     platform_quirks: Option<QuirksMode>,
+    /// A disk, `path=<file>[,ro][,id=<serial>]`; repeat for more (vda, vdb, ...).
+    /// Replaces the config file's [[block]] list.
+    #[arg(long = "block")]
+    block: Vec<BlockConfig>,
+    /// Empty block devices after the --block ones, filled through the API [default: 0]
+    #[arg(long)]
+    block_slots: Option<u8>,
+    /// Network card on a tap: `tap=<ifname>[,mac=<02:..>]` or `fd=<n>[,mac=<02:..>]`
+    #[arg(long)]
+    net: Option<NetConfig>,
+    /// Hybrid vsock: `cid=<n>,socket=<path>` (host side is a unix socket)
+    #[arg(long)]
+    vsock: Option<VsockConfig>,
     /// error, warn, info, debug or trace
     #[arg(long, default_value = "info")]
     log_level: LevelFilter,
@@ -68,6 +82,18 @@ impl Cli {
         );
         if self.api_socket.is_some() {
             c.api_socket = self.api_socket;
+        }
+        if !self.block.is_empty() {
+            c.block = self.block;
+        }
+        if let Some(n) = self.block_slots {
+            c.block_slots = n;
+        }
+        if self.net.is_some() {
+            c.net = self.net;
+        }
+        if self.vsock.is_some() {
+            c.vsock = self.vsock;
         }
         Ok(c)
     }

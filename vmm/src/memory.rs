@@ -50,6 +50,14 @@ pub fn create_guest_memory(size: u64) -> Result<GuestMemoryMmap, MemoryError> {
     let memory = GuestMemoryMmap::from_ranges(&ranges)
         .map_err(|source| MemoryError::Map { size, source })?;
     for region in memory.iter() {
+        // For debugging from outside (and the hostile-guest test, which writes into a
+        // guest's rings through /proc/<pid>/mem as a malicious guest kernel would).
+        log::debug!(
+            "guest memory at host address {:#x}: guest {:#x}, {} MiB",
+            region.as_ptr() as usize,
+            region.start_addr().0,
+            region.len() >> 20
+        );
         // SAFETY: madvise on a mapping this process owns, over exactly its length; the
         // advice changes only how the kernel backs it. Failure (THP disabled) is fine.
         let r = unsafe {

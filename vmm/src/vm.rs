@@ -27,6 +27,7 @@ use crate::api::{ApiCall, ApiRequest, ApiResponse, ApiSocket, VmInfo};
 use crate::boot::{self, BootError};
 use crate::config::{ConfigError, Console, VmConfig};
 use crate::cpu::{self, cpuid::vcpu_cpuid, CpuSetupError};
+use crate::devices::VirtioDevices;
 use crate::exit::{ExitReason, ExitSignal};
 use crate::layout::{KVM_IDENTITY_MAP_START, KVM_TSS_START};
 use crate::memory::{self, MemoryError};
@@ -84,7 +85,9 @@ pub enum VmError {
     #[error(transparent)]
     Vcpu(#[from] crate::vcpu::VcpuError),
     #[error("devices: {0}")]
-    Devices(#[from] peapod_devices::BusError),
+    Bus(#[from] peapod_devices::BusError),
+    #[error(transparent)]
+    Devices(#[from] crate::devices::DeviceError),
     #[error("event loop: {0}")]
     EventLoop(String),
     #[error("{what}: {source}")]
@@ -152,6 +155,8 @@ pub fn run(config: &VmConfig) -> Result<ExitReason, VmError> {
     let Prepared {
         vcpu_fds,
         pio,
+        mmio,
+        devices,
         exit,
         reset,
     } = prepared?;
@@ -191,12 +196,14 @@ pub fn run(config: &VmConfig) -> Result<ExitReason, VmError> {
 
     let ctx = VcpuContext {
         pio: Arc::new(pio),
-        mmio: Arc::new(Bus::new()),
+        mmio: Arc::new(mmio),
         memory: memory.clone(),
         exit: exit.clone(),
     };
     let vcpus = Vcpus::start(vcpu_fds, ctx)?;
+    let subscribers = devices.subscribers().to_vec();
     let controller = Arc::new(Mutex::new(Controller {
+        devices,
         exit: exit.clone(),
         reset,
         signals,
@@ -208,13 +215,16 @@ pub fn run(config: &VmConfig) -> Result<ExitReason, VmError> {
             vcpus: config.vcpus,
             memory_mib: config.memory_mib,
             platform_quirks: platform.emulating_host,
+            devices: Vec::new(),
         },
     }));
-    let loop_result = event_loop(controller.clone(), &exit);
+    let loop_result = event_loop(controller.clone(), subscribers, &exit);
 
-    // Teardown, on every way out: vCPU threads joined, then the VM, guest memory and
-    // the API socket file are dropped (the socket file is removed by ApiSocket).
+    // Teardown, on every way out: vCPU threads joined, then the devices (the vsock
+    // socket file goes with its device), the VM, guest memory and the API socket file
+    // (removed by ApiSocket).
     lock(&controller).vcpus.stop();
+    drop(controller);
     drop(memory);
     drop(vm);
     drop(api_socket);
@@ -226,6 +236,8 @@ pub fn run(config: &VmConfig) -> Result<ExitReason, VmError> {
 struct Prepared {
     vcpu_fds: Vec<VcpuFd>,
     pio: Bus,
+    mmio: Bus,
+    devices: VirtioDevices,
     exit: Arc<ExitSignal>,
     reset: EventFd,
 }
@@ -244,12 +256,21 @@ fn prepare_guest(
     let kernel = boot::load_kernel(memory, mem_size, &config.kernel)?;
     let initrd = boot::load_initrd(memory, mem_size, kernel.end, &config.initrd)?;
     timeline.mark("images loaded");
+
+    let exit = Arc::new(ExitSignal::new().map_err(io_err("exit eventfd"))?);
+    let reset = EventFd::new(EFD_NONBLOCK).map_err(io_err("reset eventfd"))?;
+    let pio = build_pio_bus(vm, config, &reset)?;
+    let mut mmio = Bus::new();
+    let devices = VirtioDevices::build(vm, memory, config, &mut mmio)?;
+    timeline.mark("devices");
+
     let mut words: Vec<&str> = BASE_CMDLINE.to_vec();
     words.push(match config.console {
         Console::Off => CONSOLE_OFF,
         _ => CONSOLE_ON,
     });
     words.extend(platform.cmdline_words());
+    words.extend(devices.cmdline_words());
     let cmdline = boot::build_cmdline(&words, &config.cmdline)?;
     if let Ok(c) = cmdline.as_cstring() {
         log::info!("kernel command line: {}", c.to_string_lossy());
@@ -257,11 +278,7 @@ fn prepare_guest(
     boot::write_boot_params(memory, mem_size, &cmdline, &initrd)?;
     mptable::setup_mptable(memory, config.vcpus)?;
     cpu::write_boot_page_tables_and_gdt(memory)?;
-
-    let exit = Arc::new(ExitSignal::new().map_err(io_err("exit eventfd"))?);
-    let reset = EventFd::new(EFD_NONBLOCK).map_err(io_err("reset eventfd"))?;
-    let pio = build_pio_bus(vm, config, &reset)?;
-    timeline.mark("boot data and devices");
+    timeline.mark("boot data");
 
     let supported = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
@@ -279,6 +296,8 @@ fn prepare_guest(
     Ok(Prepared {
         vcpu_fds,
         pio,
+        mmio,
+        devices,
         exit,
         reset,
     })
@@ -354,10 +373,17 @@ fn lock(c: &Mutex<Controller>) -> std::sync::MutexGuard<'_, Controller> {
     c.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-fn event_loop(controller: Arc<Mutex<Controller>>, exit: &ExitSignal) -> Result<(), VmError> {
+fn event_loop(
+    controller: Arc<Mutex<Controller>>,
+    devices: Vec<Arc<Mutex<dyn MutEventSubscriber + Send>>>,
+    exit: &ExitSignal,
+) -> Result<(), VmError> {
     let mut events: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>> =
         EventManager::new().map_err(|e| VmError::EventLoop(format!("{e:?}")))?;
     events.add_subscriber(controller);
+    for device in devices {
+        events.add_subscriber(device);
+    }
     while exit.reason().is_none() {
         events
             .run()
@@ -368,6 +394,7 @@ fn event_loop(controller: Arc<Mutex<Controller>>, exit: &ExitSignal) -> Result<(
 
 /// Owns the running VM's vCPUs and answers everything that arrives on the event loop.
 struct Controller {
+    devices: VirtioDevices,
     exit: Arc<ExitSignal>,
     reset: EventFd,
     signals: UnixStream,
@@ -391,6 +418,7 @@ impl Controller {
                 } else {
                     "running"
                 },
+                devices: self.devices.info(),
                 ..self.info.clone()
             }),
             ApiRequest::Pause if self.vcpus.is_paused() => conflict("the VM is already paused"),
@@ -410,6 +438,8 @@ impl Controller {
                 self.exit.raise(ExitReason::ApiShutdown);
                 ApiResponse::Done
             }
+            ApiRequest::BlockSet(set) => self.devices.set_block_slot(set).into(),
+            ApiRequest::BlockClear(clear) => self.devices.clear_block_slot(clear.slot).into(),
         }
     }
 }

@@ -1,0 +1,301 @@
+//! The VM's virtio devices: where each sits (MMIO window and interrupt line), how KVM
+//! reaches it (irqfd out, ioeventfd in), and the kernel command-line words that
+//! announce it. Devices are announced in a fixed order, so the guest names disks in
+//! the order they were given: block devices and slots, then net, vsock, rng.
+
+use std::sync::{Arc, Mutex};
+
+use event_manager::MutEventSubscriber;
+use kvm_ioctls::{IoEventAddress, VmFd};
+use peapod_devices::virtio::block::{Block, BlockBacking, BlockError};
+use peapod_devices::virtio::rng::Rng;
+use peapod_devices::virtio::{
+    Interrupt, MmioTransport, VirtioDevice, MMIO_DEVICE_SIZE, QUEUE_NOTIFY_OFFSET,
+};
+use peapod_devices::{Bus, BusDevice, BusError};
+use serde::Serialize;
+use virtio_queue::QueueT;
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::api::BlockSet;
+use crate::config::{VmConfig, MAX_VIRTIO_DEVICES};
+use crate::layout::{VIRTIO_IRQ_FIRST, VIRTIO_MMIO_START};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    #[error("{device}: {what}: {source}")]
+    Io {
+        device: String,
+        what: &'static str,
+        source: std::io::Error,
+    },
+    #[error("{device}: KVM: {what}: {source}")]
+    Kvm {
+        device: String,
+        what: &'static str,
+        source: kvm_ioctls::Error,
+    },
+    #[error("{device}: {message}")]
+    Setup { device: String, message: String },
+    #[error("{0}: more virtio devices than interrupt lines")]
+    NoIrq(String),
+    #[error(transparent)]
+    Bus(#[from] BusError),
+}
+
+/// Why a block slot could not be changed; the API answers with it.
+#[derive(Debug, thiserror::Error)]
+pub enum SlotError {
+    #[error(
+        "block slot {slot}: no such slot (this VM has {count} block devices, numbered from 0)"
+    )]
+    NoSuchSlot { slot: usize, count: usize },
+    #[error("block slot {slot}: {source}")]
+    Backing { slot: usize, source: BlockError },
+}
+
+impl SlotError {
+    /// The HTTP status the API answers with.
+    pub fn status(&self) -> u16 {
+        match self {
+            SlotError::NoSuchSlot { .. } => 404,
+            SlotError::Backing { .. } => 400,
+        }
+    }
+}
+
+/// What `vm.info` shows of one device: the guest-side queue addresses help debug a
+/// driver, and tests use them to play a hostile guest.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct DeviceInfo {
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub mmio_base: u64,
+    pub irq: u32,
+    pub status: u32,
+    pub queues: Vec<QueueInfo>,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct QueueInfo {
+    pub size: u16,
+    pub ready: bool,
+    pub desc: u64,
+    pub avail: u64,
+    pub used: u64,
+}
+
+struct Attached {
+    kind: &'static str,
+    base: u64,
+    irq: u32,
+    transport: Arc<Mutex<MmioTransport>>,
+}
+
+/// Every virtio device of the VM, and the words that tell the guest about them.
+pub struct VirtioDevices {
+    attached: Vec<Attached>,
+    /// Block devices in slot order (boot disks, then empty slots).
+    block: Vec<Arc<Mutex<Block>>>,
+    subscribers: Vec<Arc<Mutex<dyn MutEventSubscriber + Send>>>,
+    cmdline: Vec<String>,
+}
+
+impl VirtioDevices {
+    /// Builds the devices `config` asks for and puts them on `bus`.
+    pub fn build(
+        vm: &VmFd,
+        memory: &GuestMemoryMmap,
+        config: &VmConfig,
+        bus: &mut Bus,
+    ) -> Result<Self, DeviceError> {
+        let mut devices = Self {
+            attached: Vec::new(),
+            block: Vec::new(),
+            subscribers: Vec::new(),
+            cmdline: Vec::new(),
+        };
+        let disks = config.block.iter().map(Some);
+        let slots = std::iter::repeat_n(None, usize::from(config.block_slots));
+        for (slot, disk) in disks.chain(slots).enumerate() {
+            let backing = disk.map(|d| BlockBacking {
+                path: d.path.clone(),
+                read_only: d.read_only,
+                id: d.id.clone().unwrap_or_default(),
+            });
+            let block = devices.attach(
+                vm,
+                memory,
+                bus,
+                "block",
+                format!("block slot {slot}"),
+                |interrupt| Block::new(backing, interrupt).map_err(|e| e.to_string()),
+            )?;
+            devices.block.push(block);
+        }
+        devices.attach(vm, memory, bus, "rng", "virtio-rng".into(), |interrupt| {
+            Rng::new(interrupt).map_err(|e| format!("cannot create its eventfd: {e}"))
+        })?;
+        Ok(devices)
+    }
+
+    /// Places one device: the next MMIO window and interrupt line, an irqfd for its
+    /// interrupt, an ioeventfd per queue, the transport on the bus.
+    fn attach<D, F>(
+        &mut self,
+        vm: &VmFd,
+        memory: &GuestMemoryMmap,
+        bus: &mut Bus,
+        kind: &'static str,
+        name: String,
+        make: F,
+    ) -> Result<Arc<Mutex<D>>, DeviceError>
+    where
+        D: VirtioDevice + MutEventSubscriber + Send + 'static,
+        F: FnOnce(Arc<Interrupt>) -> Result<D, String>,
+    {
+        let index = self.attached.len();
+        if index >= MAX_VIRTIO_DEVICES {
+            return Err(DeviceError::NoIrq(name));
+        }
+        let base = VIRTIO_MMIO_START + index as u64 * MMIO_DEVICE_SIZE;
+        let irq = VIRTIO_IRQ_FIRST + index as u32;
+        let io = |what| {
+            let device = name.to_string();
+            move |source| DeviceError::Io {
+                device,
+                what,
+                source,
+            }
+        };
+        let kvm = |what| {
+            let device = name.to_string();
+            move |source| DeviceError::Kvm {
+                device,
+                what,
+                source,
+            }
+        };
+
+        let irqfd = EventFd::new(EFD_NONBLOCK).map_err(io("irqfd"))?;
+        vm.register_irqfd(&irqfd, irq)
+            .map_err(kvm("register irqfd"))?;
+        let device =
+            make(Arc::new(Interrupt::new(irqfd))).map_err(|message| DeviceError::Setup {
+                device: name.clone(),
+                message,
+            })?;
+        let device = Arc::new(Mutex::new(device));
+        let transport =
+            MmioTransport::new(memory.clone(), device.clone()).map_err(io("queue eventfds"))?;
+        for (i, kick) in transport.queue_kicks().iter().enumerate() {
+            vm.register_ioevent(
+                kick,
+                &IoEventAddress::Mmio(base + QUEUE_NOTIFY_OFFSET),
+                i as u32,
+            )
+            .map_err(kvm("register queue ioeventfd"))?;
+        }
+        let transport = Arc::new(Mutex::new(transport));
+        bus.insert(
+            base,
+            MMIO_DEVICE_SIZE,
+            transport.clone() as Arc<Mutex<dyn BusDevice>>,
+        )?;
+        self.cmdline
+            .push(format!("virtio_mmio.device=4K@{base:#x}:{irq}"));
+        self.subscribers.push(device.clone());
+        self.attached.push(Attached {
+            kind,
+            base,
+            irq,
+            transport,
+        });
+        Ok(device)
+    }
+
+    /// `virtio_mmio.device=4K@<base>:<irq>` for each device, in order.
+    pub fn cmdline_words(&self) -> impl Iterator<Item = &str> {
+        self.cmdline.iter().map(String::as_str)
+    }
+
+    /// The devices' event handlers, for the event loop.
+    pub fn subscribers(&self) -> &[Arc<Mutex<dyn MutEventSubscriber + Send>>] {
+        &self.subscribers
+    }
+
+    /// Gives block device `set.slot` a new backing file, and tells the guest.
+    pub fn set_block_slot(&mut self, set: BlockSet) -> Result<(), SlotError> {
+        let backing = BlockBacking {
+            path: set.path,
+            read_only: set.read_only,
+            id: set.id.unwrap_or_default(),
+        };
+        self.change_block_slot(set.slot, Some(backing))
+    }
+
+    /// Empties block device `slot`; the guest sees a disk of size 0.
+    pub fn clear_block_slot(&mut self, slot: usize) -> Result<(), SlotError> {
+        self.change_block_slot(slot, None)
+    }
+
+    fn change_block_slot(
+        &mut self,
+        slot: usize,
+        backing: Option<BlockBacking>,
+    ) -> Result<(), SlotError> {
+        let block = self.block.get(slot).ok_or(SlotError::NoSuchSlot {
+            slot,
+            count: self.block.len(),
+        })?;
+        lock(block)
+            .set_backing(backing)
+            .map_err(|source| SlotError::Backing { slot, source })?;
+        log::info!("block slot {slot}: {}", describe_slot(&lock(block)));
+        Ok(())
+    }
+
+    pub fn info(&self) -> Vec<DeviceInfo> {
+        self.attached
+            .iter()
+            .map(|a| {
+                let t = lock(&a.transport);
+                DeviceInfo {
+                    kind: a.kind,
+                    mmio_base: a.base,
+                    irq: a.irq,
+                    status: t.status(),
+                    queues: t
+                        .queues()
+                        .iter()
+                        .map(|q| QueueInfo {
+                            size: q.size(),
+                            ready: q.ready(),
+                            desc: q.desc_table(),
+                            avail: q.avail_ring(),
+                            used: q.used_ring(),
+                        })
+                        .collect(),
+                }
+            })
+            .collect()
+    }
+}
+
+fn describe_slot(block: &Block) -> String {
+    match block.backing() {
+        Some(b) => format!(
+            "{} ({} sectors{}, id {:?})",
+            b.path.display(),
+            block.capacity_sectors(),
+            if b.read_only { ", read-only" } else { "" },
+            b.id
+        ),
+        None => "empty".into(),
+    }
+}
+
+fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
