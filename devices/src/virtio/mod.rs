@@ -15,8 +15,9 @@ pub mod block;
 pub mod mmio;
 
 pub mod rng;
-#[cfg(test)]
-pub(crate) mod test_utils;
+/// The synthetic driver, for unit tests and the device benchmark.
+#[cfg(any(test, feature = "test-utils"))]
+pub mod test_utils;
 
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
