@@ -13,6 +13,7 @@
 
 pub mod block;
 pub mod mmio;
+pub mod net;
 
 pub mod rng;
 /// The synthetic driver, for unit tests and the device benchmark.
