@@ -3,11 +3,13 @@
 //! announce it. Devices are announced in a fixed order, so the guest names disks in
 //! the order they were given: block devices and slots, then net, vsock, rng.
 
+use std::os::fd::{FromRawFd, OwnedFd};
 use std::sync::{Arc, Mutex};
 
 use event_manager::MutEventSubscriber;
 use kvm_ioctls::{IoEventAddress, VmFd};
 use peapod_devices::virtio::block::{Block, BlockBacking, BlockError};
+use peapod_devices::virtio::net::{Net, Tap, TapError};
 use peapod_devices::virtio::rng::Rng;
 use peapod_devices::virtio::{
     Interrupt, MmioTransport, VirtioDevice, MMIO_DEVICE_SIZE, QUEUE_NOTIFY_OFFSET,
@@ -19,7 +21,7 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::api::BlockSet;
-use crate::config::{VmConfig, MAX_VIRTIO_DEVICES};
+use crate::config::{parse_mac, NetConfig, VmConfig, MAX_VIRTIO_DEVICES};
 use crate::layout::{VIRTIO_IRQ_FIRST, VIRTIO_MMIO_START};
 
 #[derive(Debug, thiserror::Error)]
@@ -133,6 +135,23 @@ impl VirtioDevices {
                 |interrupt| Block::new(backing, interrupt).map_err(|e| e.to_string()),
             )?;
             devices.block.push(block);
+        }
+        if let Some(net) = &config.net {
+            let name = match &net.tap {
+                Some(tap) => format!("virtio-net on tap {tap}"),
+                None => format!("virtio-net on fd {}", net.fd.unwrap_or(-1)),
+            };
+            let mac = match net.mac.as_deref().and_then(parse_mac) {
+                Some(mac) => mac,
+                None => random_mac(),
+            };
+            let tap = open_tap(net).map_err(|e| DeviceError::Setup {
+                device: name.clone(),
+                message: e.to_string(),
+            })?;
+            devices.attach(vm, memory, bus, "net", name, |interrupt| {
+                Net::new(tap, mac, interrupt).map_err(|e| e.to_string())
+            })?;
         }
         devices.attach(vm, memory, bus, "rng", "virtio-rng".into(), |interrupt| {
             Rng::new(interrupt).map_err(|e| format!("cannot create its eventfd: {e}"))
@@ -281,6 +300,33 @@ impl VirtioDevices {
             })
             .collect()
     }
+}
+
+fn open_tap(net: &NetConfig) -> Result<Tap, TapError> {
+    match (&net.tap, net.fd) {
+        (Some(name), _) => Tap::open_named(name),
+        (None, Some(fd)) => {
+            // SAFETY: the parent handed this fd to the VMM to own (--net fd=N); config
+            // validation made sure it is the only way the VMM refers to it.
+            let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+            Tap::from_fd(fd)
+        }
+        (None, None) => unreachable!("NetConfig::validate requires a tap name or an fd"),
+    }
+}
+
+/// A locally administered unicast MAC (02:xx:..) when the config names none.
+fn random_mac() -> [u8; 6] {
+    let mut mac = [0u8; 6];
+    // SAFETY: getrandom writes at most mac.len() bytes into the array.
+    let n = unsafe { libc::getrandom(mac.as_mut_ptr().cast(), mac.len(), 0) };
+    if n != mac.len() as isize {
+        // Without entropy, tell VMs apart by pid; the shim sets MACs anyway.
+        mac[2..].copy_from_slice(&std::process::id().to_be_bytes());
+    }
+    mac[0] = 0x02;
+    mac[1] = 0x50; // 'P'
+    mac
 }
 
 fn describe_slot(block: &Block) -> String {
