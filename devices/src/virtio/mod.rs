@@ -19,6 +19,7 @@ pub mod rng;
 /// The synthetic driver, for unit tests and the device benchmark.
 #[cfg(any(test, feature = "test-utils"))]
 pub mod test_utils;
+pub mod vsock;
 
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
