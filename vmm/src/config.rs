@@ -388,12 +388,12 @@ impl VmConfig {
             net.validate()?;
         }
         if let Some(vsock) = &self.vsock {
-            if vsock.cid < MIN_GUEST_CID || vsock.cid > u64::from(u32::MAX) {
+            if vsock.cid < MIN_GUEST_CID || vsock.cid >= u64::from(u32::MAX) {
                 return Err(device_error(
                     "vsock cid",
                     &vsock.cid.to_string(),
-                    "0-2 are reserved and CIDs are 32-bit",
-                    "a number from 3 to 4294967295",
+                    "0-2 are reserved, CIDs are 32-bit and 4294967295 means any",
+                    "a number from 3 to 4294967294",
                 ));
             }
         }

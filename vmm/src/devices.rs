@@ -11,6 +11,7 @@ use kvm_ioctls::{IoEventAddress, VmFd};
 use peapod_devices::virtio::block::{Block, BlockBacking, BlockError};
 use peapod_devices::virtio::net::{Net, Tap, TapError};
 use peapod_devices::virtio::rng::Rng;
+use peapod_devices::virtio::vsock::Vsock;
 use peapod_devices::virtio::{
     Interrupt, MmioTransport, VirtioDevice, MMIO_DEVICE_SIZE, QUEUE_NOTIFY_OFFSET,
 };
@@ -151,6 +152,12 @@ impl VirtioDevices {
             })?;
             devices.attach(vm, memory, bus, "net", name, |interrupt| {
                 Net::new(tap, mac, interrupt).map_err(|e| e.to_string())
+            })?;
+        }
+        if let Some(v) = &config.vsock {
+            let name = format!("virtio-vsock cid {} on {}", v.cid, v.socket.display());
+            devices.attach(vm, memory, bus, "vsock", name, |interrupt| {
+                Vsock::new(v.cid, v.socket.clone(), interrupt).map_err(|e| e.to_string())
             })?;
         }
         devices.attach(vm, memory, bus, "rng", "virtio-rng".into(), |interrupt| {
