@@ -19,6 +19,7 @@ demo: deps build
 ## test: lints, unit tests and the integration tests that boot real guests under KVM.
 test: deps lint build
 	PEAPOD_KERNEL="$$(kernel-config/build.sh)" PEAPOD_INITRD="$$(rootfs/build.sh)" \
+	PEAPOD_TEST_INITRD="$$(rootfs/build-test.sh)" \
 	PEAPOD_VMM="$(CURDIR)/$(VMM)" $(CARGO) test --release --workspace --lib --bins --tests
 
 ## bench: boot figures against QEMU's microvm, measured in one run.

@@ -5,6 +5,10 @@
 set -euo pipefail
 
 pkgs=(linux-source build-essential flex bison bc libelf-dev xz-utils patch cpio curl)
+# The device tests: busybox-static goes into the test initramfs (a static binary;
+# Debian's plain busybox is dynamic), e2fsprogs makes ext4 images (mkfs.ext4 -d),
+# iproute2 builds their network namespaces, taps and tc filters.
+pkgs+=(busybox-static e2fsprogs iproute2)
 [ "${1:-}" = bench ] && pkgs+=(qemu-system-x86)
 
 missing=()

@@ -3,10 +3,18 @@
 # points it uses, as an uncompressed newc cpio (decompression is emulated kernel code
 # on some hosts, so compression costs boot time). Prints the archive's path.
 #
-#   rootfs/build.sh [OUT]     # default: target/peapod/initramfs.cpio
+#   rootfs/build.sh [--overlay DIR] [OUT]   # default OUT: target/peapod/initramfs.cpio
+#
+# --overlay DIR copies DIR's tree on top (rootfs/build-test.sh adds its test tools so).
 set -euo pipefail
 
 repo=$(cd "$(dirname "$0")/.." && pwd)
+overlay=
+if [ "${1:-}" = --overlay ]; then
+    overlay=${2:?"--overlay needs a directory"}
+    [ -d "$overlay" ] || { echo "rootfs: overlay $overlay is not a directory" >&2; exit 1; }
+    shift 2
+fi
 out=${1:-$repo/target/peapod/initramfs.cpio}
 triple=x86_64-unknown-linux-gnu
 log() { echo "rootfs: $*" >&2; }
@@ -31,6 +39,7 @@ staging=$(mktemp -d)
 trap 'rm -rf "$staging"' EXIT
 install -m 0755 "$agent" "$staging/init"
 mkdir -m 0755 "$staging"/{dev,proc,sys,tmp,run}
+[ -z "$overlay" ] || cp -a "$overlay"/. "$staging"/
 mkdir -p "$(dirname "$out")"
 (cd "$staging" && find . -mindepth 1 | LC_ALL=C sort |
     cpio --quiet -o -H newc -R 0:0 --reproducible >"$out.tmp")

@@ -4,14 +4,20 @@
 //! The artefacts come from the environment (`make test` sets them):
 //! `PEAPOD_KERNEL`, `PEAPOD_INITRD`, `PEAPOD_VMM`. Without them, the cached kernel and
 //! initramfs are built (or found) with the repo's build scripts and the VMM binary is
-//! looked for beside the test binary.
+//! looked for beside the test binary. The device tests also use the test initramfs
+//! (`PEAPOD_TEST_INITRD`, or rootfs/build-test.sh): see [`probe`].
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::OnceLock;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
+
+pub mod netns;
+pub mod probe;
+pub mod vsock;
 
 /// A boot here takes about 15 s; this leaves room for a loaded machine.
 pub const BOOT_TIMEOUT: Duration = Duration::from_secs(180);
@@ -36,7 +42,7 @@ fn build_script_output(script: &str) -> PathBuf {
     PathBuf::from(stdout.lines().last().expect("build script prints a path"))
 }
 
-fn artefact(var: &str, script: &str, cell: &'static OnceLock<PathBuf>) -> PathBuf {
+pub(crate) fn artefact(var: &str, script: &str, cell: &'static OnceLock<PathBuf>) -> PathBuf {
     cell.get_or_init(|| match std::env::var_os(var) {
         Some(p) => PathBuf::from(p),
         None => build_script_output(script),
@@ -105,20 +111,47 @@ pub fn require_kvm() {
     }
 }
 
+/// Fails the test, loudly, where it does not run as root (network namespaces, taps,
+/// /proc/<pid>/mem of the VMM): CI runs as root, so a skip would hide a broken machine.
+pub fn require_root() {
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    assert_eq!(
+        euid, 0,
+        "this test needs root (network namespaces, taps, the VMM's memory); run it as root, as `make test` in CI does"
+    );
+}
+
+/// How to start a VMM beyond its arguments.
+#[derive(Default, Clone, Debug)]
+pub struct VmmOptions {
+    /// The initramfs; [`initrd()`] if `None`.
+    pub initrd: Option<PathBuf>,
+    /// A named network namespace (`ip netns`) to start the VMM in; its taps live there.
+    pub netns: Option<String>,
+}
+
 /// A VMM process with its own directory for the API socket and console; killed and
-/// cleaned up when dropped.
+/// cleaned up when dropped. Its log (stderr) is read as it comes, so that a chatty
+/// VMM never blocks on a full pipe and a test can look at the log while it runs.
 pub struct VmmProcess {
     pub child: Child,
     pub dir: tempfile::TempDir,
     pub api_socket: PathBuf,
     pub console: PathBuf,
     status: Option<ExitStatus>,
+    log: Arc<Mutex<Vec<u8>>>,
+    log_reader: Option<JoinHandle<()>>,
 }
 
 impl VmmProcess {
     /// Starts the VMM on the test kernel and initramfs with the console in a file
     /// (unless `extra_args` says where the console goes).
     pub fn start(extra_args: &[&str]) -> Self {
+        Self::start_with(extra_args, VmmOptions::default())
+    }
+
+    pub fn start_with(extra_args: &[&str], opts: VmmOptions) -> Self {
         require_kvm();
         let dir = tempfile::tempdir().unwrap();
         let api_socket = dir.path().join("api.sock");
@@ -127,24 +160,38 @@ impl VmmProcess {
         cmd.arg("--kernel")
             .arg(kernel())
             .arg("--initrd")
-            .arg(initrd())
+            .arg(opts.initrd.unwrap_or_else(initrd))
             .arg("--api-socket")
             .arg(&api_socket);
         if !extra_args.contains(&"--console") {
             cmd.arg("--console").arg(&console);
         }
-        let child = cmd
+        if let Some(ns) = &opts.netns {
+            netns::enter_in_child(&mut cmd, ns);
+        }
+        let mut child = cmd
             .args(extra_args)
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn peapod-vmm");
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let mut pipe = child.stderr.take().unwrap();
+        let sink = log.clone();
+        let log_reader = std::thread::spawn(move || {
+            let mut buf = [0u8; 8192];
+            while let Ok(n @ 1..) = pipe.read(&mut buf) {
+                sink.lock().unwrap().extend_from_slice(&buf[..n]);
+            }
+        });
         Self {
             child,
             dir,
             api_socket,
             console,
             status: None,
+            log,
+            log_reader: Some(log_reader),
         }
     }
 
@@ -216,15 +263,15 @@ impl VmmProcess {
         }
     }
 
-    /// The VMM's log; complete once it has exited.
+    /// The VMM's log so far; complete once it has exited.
     pub fn stderr(&mut self) -> String {
-        let mut out = String::new();
         if self.try_wait().is_some() {
-            if let Some(mut e) = self.child.stderr.take() {
-                let _ = e.read_to_string(&mut out);
+            // The pipe ends with the process: the reader has all of it, or soon will.
+            if let Some(r) = self.log_reader.take() {
+                let _ = r.join();
             }
         }
-        out
+        String::from_utf8_lossy(&self.log.lock().unwrap()).into_owned()
     }
 
     /// User plus system CPU time of the VMM process so far.
@@ -255,12 +302,23 @@ pub fn cpu_time_of(pid: i32) -> Duration {
 
 /// One HTTP/1.1 request on the VMM's API socket: (status, body).
 pub fn api(socket: &Path, method: &str, path: &str) -> (u16, String) {
+    api_with_body(socket, method, path, "")
+}
+
+/// One HTTP/1.1 request with a (JSON) body on the VMM's API socket: (status, body).
+pub fn api_with_body(socket: &Path, method: &str, path: &str, body: &str) -> (u16, String) {
     let mut s =
         UnixStream::connect(socket).unwrap_or_else(|e| panic!("connect {}: {e}", socket.display()));
     s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let content_type = if body.is_empty() {
+        ""
+    } else {
+        "Content-Type: application/json\r\n"
+    };
     write!(
         s,
-        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n{content_type}Content-Length: {}\r\n\r\n{body}",
+        body.len()
     )
     .unwrap();
     let mut reply = String::new();
