@@ -74,6 +74,12 @@ impl SlotError {
 pub struct DeviceInfo {
     #[serde(rename = "type")]
     pub kind: &'static str,
+    /// For block devices: the slot number the API takes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub slot: Option<usize>,
+    /// For block devices: the backing file, if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backing: Option<String>,
     pub mmio_base: u64,
     pub irq: u32,
     pub status: u32,
@@ -283,12 +289,19 @@ impl VirtioDevices {
     }
 
     pub fn info(&self) -> Vec<DeviceInfo> {
+        let mut slot = 0..;
         self.attached
             .iter()
             .map(|a| {
                 let t = lock(&a.transport);
+                let slot = (a.kind == "block").then(|| slot.next()).flatten();
+                let backing = slot
+                    .and_then(|s| self.block.get(s))
+                    .map(|b| describe_slot(&lock(b)));
                 DeviceInfo {
                     kind: a.kind,
+                    slot,
+                    backing,
                     mmio_base: a.base,
                     irq: a.irq,
                     status: t.status(),
