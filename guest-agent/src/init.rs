@@ -75,6 +75,10 @@ pub fn standard_fds() {
         let _ = nix::unistd::dup2_stdin(&f);
         let _ = nix::unistd::dup2_stdout(&f);
         let _ = nix::unistd::dup2_stderr(&f);
+        // With 0-2 closed, the open itself took fd 0: closing it would undo that.
+        if std::os::fd::AsRawFd::as_raw_fd(&f) <= 2 {
+            std::mem::forget(f);
+        }
     }
 }
 
