@@ -10,8 +10,8 @@
 //! the agent starts from the C entry point and sets up its fds itself.
 #![cfg_attr(not(test), no_main)]
 
-#[cfg_attr(test, allow(dead_code))]
-mod init;
+#[cfg(not(test))]
+use peapod_agent::init;
 
 #[cfg(not(test))]
 #[no_mangle]

@@ -30,8 +30,8 @@ extern "C" fn main(
         // Outside a guest (by hand, for debugging): just serve.
         serve();
     }
-    init::mount_filesystems();
-    init::standard_fds();
+    peapod_agent::init::mount_filesystems();
+    peapod_agent::init::standard_fds();
     if let Err(e) = init::loopback_up() {
         init::say(&format!("cannot bring lo up: {e}"));
     }
