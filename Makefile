@@ -22,9 +22,11 @@ test: deps lint build
 	PEAPOD_TEST_INITRD="$$(rootfs/build-test.sh)" \
 	PEAPOD_VMM="$(CURDIR)/$(VMM)" $(CARGO) test --release --workspace --lib --bins --tests
 
-## bench: boot figures against QEMU's microvm, measured in one run.
+## bench: boot figures against QEMU's microvm, and the devices' cost against raw
+## system calls, each measured in one run.
 bench: build
 	.ci/install-deps.sh bench
+	$(CARGO) bench -p peapod-devices --features test-utils --bench devices
 	PEAPOD_KERNEL="$$(kernel-config/build.sh)" PEAPOD_INITRD="$$(rootfs/build.sh)" \
 	PEAPOD_VMM="$(CURDIR)/$(VMM)" $(CARGO) bench -p peapod-tests --bench boot
 
@@ -33,7 +35,7 @@ deps:
 
 lint:
 	$(CARGO) fmt --check
-	$(CARGO) clippy --all-targets -- -D warnings
+	$(CARGO) clippy --all-targets --all-features -- -D warnings
 
 build:
 	$(STATIC_BUILD) -p peapod-vmm
