@@ -16,6 +16,7 @@ pub mod mmio;
 pub mod net;
 
 pub mod rng;
+pub mod single_queue;
 /// The synthetic driver, for unit tests and the device benchmark.
 #[cfg(any(test, feature = "test-utils"))]
 pub mod test_utils;

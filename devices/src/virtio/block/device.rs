@@ -2,24 +2,17 @@ use std::mem::offset_of;
 use std::sync::Arc;
 
 use virtio_bindings::virtio_blk::*;
-use virtio_queue::Queue;
-use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::disk::{Disk, BOUNCE_BYTES, SECTOR_SIZE};
 use super::request::{self, SEG_MAX, SIZE_MAX};
 use super::{BlockBacking, BlockError};
+use crate::virtio::single_queue::ActiveQueue;
 use crate::virtio::{serve_queue, ActivateError, Activation, Interrupt, VirtioDevice, TYPE_BLOCK};
 
 pub(super) const QUEUE_SIZE: u16 = 256;
 /// The configuration space up to the last field the device offers (blk_size).
 const CONFIG_BYTES: usize = offset_of!(virtio_blk_config, blk_size) + 4;
-
-pub(super) struct Active {
-    pub memory: GuestMemoryMmap,
-    pub queue: Queue,
-    pub kick: EventFd,
-}
 
 /// A virtio-blk device: a slot that holds one backing file, or none.
 pub struct Block {
@@ -29,7 +22,7 @@ pub struct Block {
     /// Where request data passes between the file and guest memory.
     bounce: Vec<u8>,
     pub(super) activate_evt: EventFd,
-    pub(super) active: Option<Active>,
+    pub(super) active: Option<ActiveQueue>,
     broken: bool,
 }
 
@@ -161,25 +154,8 @@ impl VirtioDevice for Block {
     }
 
     fn activate(&mut self, activation: Activation) -> Result<(), ActivateError> {
-        let Activation {
-            memory,
-            queues,
-            kicks,
-            ..
-        } = activation;
-        let got = queues.len();
-        let (Ok([queue]), Ok([kick])) = (
-            <[Queue; 1]>::try_from(queues),
-            <[EventFd; 1]>::try_from(kicks),
-        ) else {
-            return Err(ActivateError::QueueCount { got, wanted: 1 });
-        };
-        self.active = Some(Active {
-            memory,
-            queue,
-            kick,
-        });
-        self.activate_evt.write(1).map_err(ActivateError::Wake)
+        self.active = Some(ActiveQueue::activate(activation, &self.activate_evt)?);
+        Ok(())
     }
 
     fn is_activated(&self) -> bool {

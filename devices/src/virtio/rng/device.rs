@@ -1,10 +1,11 @@
 use std::io::Write;
 use std::sync::Arc;
 
-use virtio_queue::{DescriptorChain, Queue};
+use virtio_queue::DescriptorChain;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use crate::virtio::single_queue::ActiveQueue;
 use crate::virtio::{
     check_chain, serve_queue, ActivateError, Activation, Interrupt, VirtioDevice, TYPE_RNG,
 };
@@ -13,16 +14,10 @@ const QUEUE_SIZE: u16 = 64;
 /// The most entropy one request gets: bounds the host work a guest can ask for.
 pub(super) const MAX_BYTES_PER_REQUEST: usize = 64 << 10;
 
-pub(super) struct Active {
-    pub memory: GuestMemoryMmap,
-    pub queue: Queue,
-    pub kick: EventFd,
-}
-
 pub struct Rng {
     interrupt: Arc<Interrupt>,
     pub(super) activate_evt: EventFd,
-    pub(super) active: Option<Active>,
+    pub(super) active: Option<ActiveQueue>,
     broken: bool,
 }
 
@@ -113,24 +108,8 @@ impl VirtioDevice for Rng {
     }
 
     fn activate(&mut self, activation: Activation) -> Result<(), ActivateError> {
-        let Activation {
-            memory,
-            queues,
-            kicks,
-            ..
-        } = activation;
-        let (Ok([queue]), Ok([kick])) = (
-            <[Queue; 1]>::try_from(queues),
-            <[EventFd; 1]>::try_from(kicks),
-        ) else {
-            return Err(ActivateError::QueueCount { got: 0, wanted: 1 });
-        };
-        self.active = Some(Active {
-            memory,
-            queue,
-            kick,
-        });
-        self.activate_evt.write(1).map_err(ActivateError::Wake)
+        self.active = Some(ActiveQueue::activate(activation, &self.activate_evt)?);
+        Ok(())
     }
 
     fn is_activated(&self) -> bool {

@@ -1,31 +1,31 @@
-use std::os::fd::AsRawFd;
-
 use event_manager::{EventOps, Events, MutEventSubscriber};
-use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::EventFd;
 
 use super::Rng;
+use crate::virtio::single_queue::{self, ActiveQueue, SingleQueueDevice};
+
+impl SingleQueueDevice for Rng {
+    const NAME: &'static str = "virtio-rng";
+
+    fn activate_evt(&self) -> &EventFd {
+        &self.activate_evt
+    }
+
+    fn active(&self) -> Option<&ActiveQueue> {
+        self.active.as_ref()
+    }
+
+    fn process_queue(&mut self) {
+        Rng::process_queue(self);
+    }
+}
 
 impl MutEventSubscriber for Rng {
     fn init(&mut self, ops: &mut EventOps) {
-        crate::virtio::watch(ops, self.activate_evt.as_raw_fd(), "virtio-rng activation");
+        single_queue::init(self, ops);
     }
 
     fn process(&mut self, events: Events, ops: &mut EventOps) {
-        let fd = events.fd();
-        if fd == self.activate_evt.as_raw_fd() {
-            let _ = self.activate_evt.read();
-            if let Some(active) = &self.active {
-                crate::virtio::watch(ops, active.kick.as_raw_fd(), "virtio-rng queue");
-            }
-            // Buffers the driver queued before its kick was watched.
-            self.process_queue();
-        } else if let Some(active) = &self.active {
-            if fd == active.kick.as_raw_fd() {
-                let _ = active.kick.read();
-                self.process_queue();
-            }
-        } else {
-            let _ = ops.remove(Events::new_raw(fd, EventSet::IN));
-        }
+        single_queue::process(self, events, ops);
     }
 }
