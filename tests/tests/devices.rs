@@ -183,9 +183,12 @@ fn block_slots_vsock_and_a_hostile_host_on_one_vm() {
     let mib = 1 << 20;
     let (code, out) = probe.sh_with_input(
         &format!(
+            // No pipeline: on this host a process of a busybox pipeline sometimes
+            // starts with a broken TLS pointer and segfaults, under QEMU as under
+            // Peapod (see the closing note of the devices issue).
             "busybox dd of=/dev/vda bs=1M seek={} count={} iflag=fullblock conv=notrunc,fsync \
-             2>&1 && busybox sync && busybox dd if=/dev/vda bs=1M skip={} count={} \
-             iflag=direct 2>/dev/null | busybox sha256sum",
+             2>&1 && busybox sync && busybox dd if=/dev/vda of=/readback bs=1M skip={} count={} \
+             iflag=direct 2>/dev/null && busybox sha256sum /readback && busybox rm /readback",
             WRITE_OFFSET / mib,
             WRITE_BYTES / mib,
             WRITE_OFFSET / mib,
@@ -196,7 +199,7 @@ fn block_slots_vsock_and_a_hostile_host_on_one_vm() {
     assert_eq!(code, 0, "guest write failed:\n{out}");
     let new_sum = sha256_hex(&new);
     assert!(
-        out.lines().last().is_some_and(|l| l.starts_with(&new_sum)),
+        out.lines().any(|l| l.starts_with(&new_sum)),
         "the guest read back other bytes than it wrote:\n{out}(wrote {new_sum})"
     );
     let on_host = std::fs::read(&data_path).unwrap();
@@ -292,6 +295,11 @@ fn block_slots_vsock_and_a_hostile_host_on_one_vm() {
     scribble_over_block_queue(&mut vm, &probe);
 
     shut_down(vm);
+    assert!(
+        !uds.exists(),
+        "the VMM left its vsock socket {} behind",
+        uds.display()
+    );
 }
 
 /// Writes random bytes over block slot 0's first queue (descriptor table, available
@@ -405,6 +413,20 @@ fn scribble_over_block_queue(vm: &mut VmmProcess, probe: &Probe) {
     assert_eq!(status, 200, "vm.info after the garbage: {body}\n{ctx}");
     probe.wait_ready(vm, Duration::from_secs(120));
     assert_eq!(probe.sh_ok("echo alive"), "alive\n", "{ctx}");
+    // The garbage must have reached the device, or this proved nothing.
+    let log = vm.stderr();
+    let refusals = [
+        "broke the request queue",
+        "request refused",
+        "bad request chain",
+        "request failed",
+        "is not supported",
+    ];
+    assert!(
+        log.lines()
+            .any(|l| l.contains("virtio-blk: ") && refusals.iter().any(|r| l.contains(r))),
+        "the block device never saw the garbage (did the guest's reads overlap it?): {ctx}"
+    );
 }
 
 #[test]
