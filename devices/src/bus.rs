@@ -4,6 +4,8 @@
 
 use std::sync::{Arc, Mutex};
 
+use crate::lock;
+
 /// A device on a bus. `offset` is relative to the device's base address.
 pub trait BusDevice: Send {
     fn read(&mut self, offset: u64, data: &mut [u8]);
@@ -87,16 +89,6 @@ impl Bus {
             None => false,
         }
     }
-}
-
-/// A device whose lock was poisoned panicked mid-access; its state is still the best
-/// we have, and a guest must not be able to turn one device bug into a VMM-wide panic.
-fn lock<'a>(
-    device: &'a Mutex<dyn BusDevice + 'static>,
-) -> std::sync::MutexGuard<'a, dyn BusDevice + 'static> {
-    device
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 #[cfg(test)]

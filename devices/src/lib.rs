@@ -10,3 +10,9 @@ pub mod legacy;
 pub mod virtio;
 
 pub use bus::{Bus, BusDevice, BusError};
+
+/// Locks `m` even if a thread panicked holding it: the state is still the best there
+/// is, and a guest must not be able to turn one device bug into a VMM-wide panic.
+pub fn lock<T: ?Sized>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}

@@ -15,7 +15,7 @@ use peapod_devices::virtio::vsock::Vsock;
 use peapod_devices::virtio::{
     Interrupt, MmioTransport, VirtioDevice, MMIO_DEVICE_SIZE, QUEUE_NOTIFY_OFFSET,
 };
-use peapod_devices::{Bus, BusDevice, BusError};
+use peapod_devices::{lock, Bus, BusDevice, BusError};
 use serde::Serialize;
 use virtio_queue::QueueT;
 use vm_memory::GuestMemoryMmap;
@@ -360,8 +360,4 @@ fn describe_slot(block: &Block) -> String {
         ),
         None => "empty".into(),
     }
-}
-
-fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }

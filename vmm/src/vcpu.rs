@@ -66,9 +66,7 @@ struct VcpuControl {
 
 impl VcpuControl {
     fn lock(&self) -> MutexGuard<'_, ControlState> {
-        self.state
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        peapod_devices::lock(&self.state)
     }
 
     /// Blocks while paused. Returns false when the thread should stop.

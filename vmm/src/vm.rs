@@ -18,7 +18,7 @@ use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 use peapod_devices::legacy::{
     SerialConsole, COM1_IRQ, COM1_PORT_BASE, COM1_PORT_LEN, I8042, I8042_PORT_BASE, I8042_PORT_LEN,
 };
-use peapod_devices::{Bus, BusDevice};
+use peapod_devices::{lock, Bus, BusDevice};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -367,10 +367,6 @@ fn build_pio_bus(vm: &VmFd, config: &VmConfig, reset: &EventFd) -> Result<Bus, V
     let serial: Arc<Mutex<dyn BusDevice>> = Arc::new(Mutex::new(SerialConsole::new(irq, out)));
     bus.insert(COM1_PORT_BASE.into(), COM1_PORT_LEN.into(), serial)?;
     Ok(bus)
-}
-
-fn lock(c: &Mutex<Controller>) -> std::sync::MutexGuard<'_, Controller> {
-    c.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 fn event_loop(

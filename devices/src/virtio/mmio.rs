@@ -5,7 +5,7 @@
 //! accesses run on vCPU threads; QueueNotify writes never reach it, because KVM turns
 //! them into ioeventfd signals (`queue_kicks`) that the event loop sees.
 
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex};
 
 use virtio_bindings::virtio_mmio::*;
 use virtio_queue::{Queue, QueueT};
@@ -13,7 +13,7 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::{status, Activation, Interrupt, VirtioDevice, TRANSPORT_FEATURES};
-use crate::BusDevice;
+use crate::{lock, BusDevice};
 
 /// The MMIO window of one device: registers, then configuration space.
 pub const MMIO_DEVICE_SIZE: u64 = 0x1000;
@@ -322,12 +322,6 @@ impl BusDevice for MmioTransport {
             ),
         }
     }
-}
-
-/// A device that panicked holding its lock keeps its last state: a guest must not be
-/// able to turn one device bug into a VMM-wide panic.
-pub(crate) fn lock<T: ?Sized>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 #[cfg(test)]
