@@ -4,6 +4,7 @@
 //! the order they were given: block devices and slots, then net, vsock, rng.
 
 use std::os::fd::{FromRawFd, OwnedFd};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use event_manager::MutEventSubscriber;
@@ -128,11 +129,7 @@ impl VirtioDevices {
         let disks = config.block.iter().map(Some);
         let slots = std::iter::repeat_n(None, usize::from(config.block_slots));
         for (slot, disk) in disks.chain(slots).enumerate() {
-            let backing = disk.map(|d| BlockBacking {
-                path: d.path.clone(),
-                read_only: d.read_only,
-                id: d.id.clone().unwrap_or_default(),
-            });
+            let backing = disk.map(|d| backing(d.path.clone(), d.read_only, d.id.clone()));
             let block = devices.attach(
                 vm,
                 memory,
@@ -259,11 +256,7 @@ impl VirtioDevices {
 
     /// Gives block device `set.slot` a new backing file, and tells the guest.
     pub fn set_block_slot(&mut self, set: BlockSet) -> Result<(), SlotError> {
-        let backing = BlockBacking {
-            path: set.path,
-            read_only: set.read_only,
-            id: set.id.unwrap_or_default(),
-        };
+        let backing = backing(set.path, set.read_only, set.id);
         self.change_block_slot(set.slot, Some(backing))
     }
 
@@ -347,6 +340,16 @@ fn random_mac() -> [u8; 6] {
     mac[0] = 0x02;
     mac[1] = 0x50; // 'P'
     mac
+}
+
+/// What a slot serves, from the config file or the API; a disk without an ID has an
+/// empty serial.
+fn backing(path: PathBuf, read_only: bool, id: Option<String>) -> BlockBacking {
+    BlockBacking {
+        path,
+        read_only,
+        id: id.unwrap_or_default(),
+    }
 }
 
 fn describe_slot(block: &Block) -> String {
