@@ -10,7 +10,8 @@ use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 use peapod_devices::virtio::test_utils::{
     activation, fill, memory, read, readable, writable, TestQueue,
 };
-use peapod_devices::virtio::vsock::Vsock;
+use peapod_devices::virtio::vsock::packet::HDR_SIZE;
+use peapod_devices::virtio::vsock::{op, PacketHeader, Vsock, HOST_CID, TYPE_STREAM};
 use peapod_devices::virtio::{Interrupt, VirtioDevice};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -19,51 +20,30 @@ use super::STREAM_BYTES;
 
 const GUEST_CID: u64 = 3;
 const GUEST_PORT: u32 = 1024;
-const HDR: usize = 44;
 const BUF: u32 = 4096;
 const RX_BUFFERS: u16 = 128;
 const RX_AREA: u64 = 0x10_0000;
 const TX_AREA: u64 = 0x80_0000;
 /// What the driver advertises: Linux's default vsock buffer.
 const GUEST_BUF_ALLOC: u32 = 256 << 10;
-const OP_REQUEST: u16 = 1;
-const OP_RESPONSE: u16 = 2;
-const OP_RW: u16 = 5;
-const OP_CREDIT_UPDATE: u16 = 6;
 
 type Loop = EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>>;
 
-struct Hdr {
-    src_port: u32,
-    len: u32,
-    op: u16,
-    buf_alloc: u32,
-    fwd_cnt: u32,
-}
-
-fn parse(raw: &[u8]) -> Hdr {
-    let u32_at = |o: usize| u32::from_le_bytes(raw[o..o + 4].try_into().unwrap());
-    Hdr {
-        src_port: u32_at(16),
-        len: u32_at(24),
-        op: u16::from_le_bytes([raw[30], raw[31]]),
-        buf_alloc: u32_at(36),
-        fwd_cnt: u32_at(40),
+/// A packet header from the guest to the host, carrying the guest's credit.
+fn header(dst_port: u32, op: u16, len: u32, fwd_cnt: u32) -> [u8; HDR_SIZE] {
+    PacketHeader {
+        src_cid: GUEST_CID,
+        dst_cid: HOST_CID,
+        src_port: GUEST_PORT,
+        dst_port,
+        len,
+        type_: TYPE_STREAM,
+        op,
+        flags: 0,
+        buf_alloc: GUEST_BUF_ALLOC,
+        fwd_cnt,
     }
-}
-
-fn header(dst_port: u32, op: u16, len: u32, fwd_cnt: u32) -> [u8; HDR] {
-    let mut h = [0u8; HDR];
-    h[0..8].copy_from_slice(&GUEST_CID.to_le_bytes());
-    h[8..16].copy_from_slice(&2u64.to_le_bytes());
-    h[16..20].copy_from_slice(&GUEST_PORT.to_le_bytes());
-    h[20..24].copy_from_slice(&dst_port.to_le_bytes());
-    h[24..28].copy_from_slice(&len.to_le_bytes());
-    h[28..30].copy_from_slice(&1u16.to_le_bytes());
-    h[30..32].copy_from_slice(&op.to_le_bytes());
-    h[36..40].copy_from_slice(&GUEST_BUF_ALLOC.to_le_bytes());
-    h[40..44].copy_from_slice(&fwd_cnt.to_le_bytes());
-    h
+    .to_bytes()
 }
 
 /// The guest's side: RX buffers kept posted, packets sent one per TX chain.
@@ -90,7 +70,7 @@ impl Driver<'_> {
             let slot = self.rx_posted % u64::from(RX_BUFFERS * 2);
             self.rx.add_chain(&[writable(
                 RX_AREA + slot * u64::from(BUF + 64),
-                BUF + HDR as u32,
+                BUF + HDR_SIZE as u32,
             )]);
             self.rx_posted += 1;
         }
@@ -107,16 +87,18 @@ impl Driver<'_> {
             &header(self.host_port, op, payload as u32, self.fwd_cnt),
         );
         if payload == 0 {
-            self.tx.add_chain(&[readable(at, HDR as u32)]);
+            self.tx.add_chain(&[readable(at, HDR_SIZE as u32)]);
         } else {
-            self.tx
-                .add_chain(&[readable(at, HDR as u32), readable(at + 64, payload as u32)]);
+            self.tx.add_chain(&[
+                readable(at, HDR_SIZE as u32),
+                readable(at + 64, payload as u32),
+            ]);
         }
         let _ = self.kicks[1].write(1);
     }
 
     /// Packets the device delivered since the last call: (header, payload length).
-    fn take_rx(&mut self) -> Vec<Hdr> {
+    fn take_rx(&mut self) -> Vec<PacketHeader> {
         let mut out = Vec::new();
         let used = self.rx.used_idx();
         let mut consumed = 0;
@@ -128,7 +110,8 @@ impl Driver<'_> {
                 continue;
             }
             let addr = self.rx_addr(head as u16);
-            let hdr = parse(&read(self.memory, addr, HDR));
+            let raw = read(self.memory, addr, HDR_SIZE);
+            let hdr = PacketHeader::from_bytes(raw.as_slice().try_into().unwrap());
             self.peer_buf_alloc = hdr.buf_alloc;
             self.peer_fwd_cnt = hdr.fwd_cnt;
             out.push(hdr);
@@ -195,12 +178,12 @@ pub fn device_throughput() -> (f64, f64) {
     while d.host_port == 0 {
         run(&mut events);
         for p in d.take_rx() {
-            if p.op == OP_REQUEST {
+            if p.op == op::REQUEST {
                 d.host_port = p.src_port;
             }
         }
     }
-    d.send(OP_RESPONSE, 0);
+    d.send(op::RESPONSE, 0);
     // The OK line goes out when the backend next runs.
     host.set_nonblocking(true).unwrap();
     let mut ok = Vec::new();
@@ -230,14 +213,14 @@ pub fn device_throughput() -> (f64, f64) {
     while got < STREAM_BYTES {
         run(&mut events);
         for p in d.take_rx() {
-            if p.op == OP_RW {
+            if p.op == op::RW {
                 got += p.len as usize;
                 d.fwd_cnt = d.fwd_cnt.wrapping_add(p.len);
             }
         }
         if d.fwd_cnt.wrapping_sub(credited) >= GUEST_BUF_ALLOC / 2 {
             credited = d.fwd_cnt;
-            d.send(OP_CREDIT_UPDATE, 0);
+            d.send(op::CREDIT_UPDATE, 0);
         }
     }
     let to_guest = mib_per_s(got, start.elapsed().as_secs_f64());
@@ -259,7 +242,7 @@ pub fn device_throughput() -> (f64, f64) {
         d.take_rx();
         let mut batch = 0;
         while d.credit() >= BUF && sent < STREAM_BYTES && batch < 64 {
-            d.send(OP_RW, BUF as usize);
+            d.send(op::RW, BUF as usize);
             d.tx_cnt = d.tx_cnt.wrapping_add(BUF);
             sent += BUF as usize;
             batch += 1;
