@@ -9,6 +9,9 @@ pkgs=(linux-source build-essential flex bison bc libelf-dev xz-utils patch cpio 
 # Debian's plain busybox is dynamic), e2fsprogs makes ext4 images (mkfs.ext4 -d),
 # iproute2 builds their network namespaces, taps and tc filters.
 pkgs+=(busybox-static e2fsprogs iproute2)
+# The agent: libcontainer applies containers' seccomp profiles with libseccomp
+# (linked statically into the agent); the agent tests build EROFS layer disks.
+pkgs+=(libseccomp-dev erofs-utils)
 [ "${1:-}" = bench ] && pkgs+=(qemu-system-x86)
 
 missing=()

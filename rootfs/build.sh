@@ -27,6 +27,7 @@ command -v cpio >/dev/null || {
 # There is no musl target here: link glibc statically. An explicit --target keeps
 # these flags away from the host build (proc macros cannot be static); the VMM is
 # built the same way (Makefile), with the same flags, so the two share one build.
+# libseccomp's archive is linked in by .cargo/config.toml.
 (cd "$repo" && RUSTFLAGS="-C target-feature=+crt-static" \
     cargo build --quiet --release -p peapod-agent --target "$triple" >&2)
 agent=$repo/target/$triple/release/peapod-agent
@@ -38,7 +39,7 @@ fi
 staging=$(mktemp -d)
 trap 'rm -rf "$staging"' EXIT
 install -m 0755 "$agent" "$staging/init"
-mkdir -m 0755 "$staging"/{dev,proc,sys,tmp,run}
+mkdir -m 0755 "$staging"/{dev,proc,sys,tmp,run,.root}
 [ -z "$overlay" ] || cp -a "$overlay"/. "$staging"/
 mkdir -p "$(dirname "$out")"
 (cd "$staging" && find . -mindepth 1 | LC_ALL=C sort |
