@@ -17,49 +17,116 @@ struct Mount {
     target: &'static str,
     fstype: &'static str,
     flags: MsFlags,
+    data: Option<&'static str>,
 }
 
+const NOSUID_NODEV_NOEXEC: MsFlags = MsFlags::MS_NOSUID
+    .union(MsFlags::MS_NODEV)
+    .union(MsFlags::MS_NOEXEC);
+
+/// In order: later mounts go inside earlier ones.
 const MOUNTS: &[Mount] = &[
     Mount {
         source: "proc",
         target: "/proc",
         fstype: "proc",
-        flags: MsFlags::MS_NOSUID
-            .union(MsFlags::MS_NODEV)
-            .union(MsFlags::MS_NOEXEC),
+        flags: NOSUID_NODEV_NOEXEC,
+        data: None,
     },
     Mount {
         source: "sysfs",
         target: "/sys",
         fstype: "sysfs",
-        flags: MsFlags::MS_NOSUID
-            .union(MsFlags::MS_NODEV)
-            .union(MsFlags::MS_NOEXEC),
+        flags: NOSUID_NODEV_NOEXEC,
+        data: None,
     },
     Mount {
         source: "devtmpfs",
         target: "/dev",
         fstype: "devtmpfs",
         flags: MsFlags::MS_NOSUID,
+        data: None,
+    },
+    Mount {
+        source: "devpts",
+        target: "/dev/pts",
+        fstype: "devpts",
+        flags: MsFlags::MS_NOSUID.union(MsFlags::MS_NOEXEC),
+        data: Some("newinstance,ptmxmode=0666,mode=0620"),
+    },
+    Mount {
+        source: "shm",
+        target: "/dev/shm",
+        fstype: "tmpfs",
+        flags: NOSUID_NODEV_NOEXEC,
+        data: Some("mode=1777"),
+    },
+    Mount {
+        source: "cgroup2",
+        target: "/sys/fs/cgroup",
+        fstype: "cgroup2",
+        flags: NOSUID_NODEV_NOEXEC,
+        data: None,
+    },
+    Mount {
+        source: "tmpfs",
+        target: "/tmp",
+        fstype: "tmpfs",
+        flags: MsFlags::MS_NOSUID.union(MsFlags::MS_NODEV),
+        data: Some("mode=1777"),
+    },
+    Mount {
+        source: "tmpfs",
+        target: "/run",
+        fstype: "tmpfs",
+        flags: MsFlags::MS_NOSUID.union(MsFlags::MS_NODEV),
+        data: Some("mode=0755"),
     },
 ];
+
+/// Controllers the containers' cgroups may use; enabled at the root for children.
+const CGROUP_CONTROLLERS: &str = "+cpu +memory +pids +io";
+
+/// Where the initramfs is bound before it becomes the agent's root.
+const ROOT_BIND: &str = "/.root";
+
+/// Makes the agent's root a mount with a parent. The initramfs is the kernel's
+/// `rootfs`, which has none, and pivot_root(2), which every container start
+/// needs, refuses to move a root like that (EINVAL). A bind mount of it, moved
+/// over `/` and chrooted into, is an ordinary mount: no copy of the files.
+pub fn leave_rootfs() -> nix::Result<()> {
+    std::fs::create_dir_all(ROOT_BIND)
+        .map_err(|e| Errno::from_raw(e.raw_os_error().unwrap_or(0)))?;
+    mount(
+        Some("/"),
+        ROOT_BIND,
+        None::<&str>,
+        MsFlags::MS_BIND,
+        None::<&str>,
+    )?;
+    nix::unistd::chdir(ROOT_BIND)?;
+    mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>)?;
+    nix::unistd::chroot(".")?;
+    nix::unistd::chdir("/")
+}
 
 /// Mounts what every later step needs. A failure is reported, not fatal: PID 1 must
 /// not exit (the kernel would panic), and the console says what went wrong.
 pub fn mount_filesystems() {
     for m in MOUNTS {
         let _ = std::fs::create_dir_all(m.target);
-        match mount(
-            Some(m.source),
-            m.target,
-            Some(m.fstype),
-            m.flags,
-            None::<&str>,
-        ) {
+        match mount(Some(m.source), m.target, Some(m.fstype), m.flags, m.data) {
             Ok(()) | Err(Errno::EBUSY) => {}
             Err(e) => eprintln!("peapod-agent: mounting {} on {}: {e}", m.fstype, m.target),
         }
     }
+    // A controller the kernel lacks fails the whole write: enable one at a time.
+    for controller in CGROUP_CONTROLLERS.split(' ') {
+        if let Err(e) = std::fs::write("/sys/fs/cgroup/cgroup.subtree_control", controller) {
+            eprintln!("peapod-agent: enabling cgroup controller {controller}: {e}");
+        }
+    }
+    let _ = std::os::unix::fs::symlink("/proc/self/fd", "/dev/fd");
 }
 
 /// Points fds 0-2 at the console, or at /dev/null when the VM has none, so that

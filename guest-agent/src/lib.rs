@@ -1,4 +1,20 @@
 //! The guest agent's library: PID 1 duties that the test guest's probe
-//! (tests/guest-probe) shares, so that both start a guest the same way.
+//! (tests/guest-probe) shares, and the container runtime the agent serves.
 
+pub mod cgroups;
+pub mod container;
+pub mod files;
 pub mod init;
+pub mod log;
+pub mod network;
+pub mod process;
+pub mod sandbox;
+pub mod server;
+pub mod spec;
+pub mod storage;
+
+/// Locks a mutex; a thread that panicked while holding it leaves data that is
+/// still the best the agent has.
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}

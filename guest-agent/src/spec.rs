@@ -1,0 +1,363 @@
+//! Turning the OCI spec the host sends into the one the guest runs.
+//!
+//! The host writes the spec for a host: its root, namespace paths, cgroup path and
+//! hooks name host objects. Inside the VM the agent owns all of those, so it
+//! rewrites them; everything else (process, mounts, capabilities, seccomp, rlimits,
+//! resources) passes through to libcontainer unchanged.
+
+use std::path::Path;
+
+use serde_json::{json, Value};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SpecError {
+    #[error("container {id}: the OCI spec is not valid JSON: {cause} (send config.json's bytes as the host's runtime would write them)")]
+    NotJson { id: String, cause: String },
+    #[error("container {id}: the OCI spec is malformed: {cause}")]
+    Malformed { id: String, cause: String },
+    #[error("container {id}: the OCI process is malformed: {cause}")]
+    BadProcess { id: String, cause: String },
+    #[error("container {id}: mount {destination}: bind source {bind_source} does not exist in the guest (copy it in with CopyFile, under the shared directory, and name that path)")]
+    MissingBindSource {
+        id: String,
+        destination: String,
+        bind_source: String,
+    },
+    #[error("container {id}: the spec asks to join a {kind} namespace by path, but the pod has no sandbox container to share it (create the sandbox container first)")]
+    NoSandboxToJoin { id: String, kind: String },
+    #[error("container {id}: user {user:?} is not in the container's /etc/passwd (use a numeric uid, or add the user to the image)")]
+    UnknownUser { id: String, user: String },
+}
+
+/// What the agent decides about a container, which the spec must reflect.
+pub struct GuestContext<'a> {
+    pub container_id: &'a str,
+    /// The overlay the agent mounted for this container.
+    pub rootfs: &'a Path,
+    /// The cgroup (relative to the cgroup2 root) the agent gives the container.
+    pub cgroup_path: &'a str,
+    pub terminal: bool,
+    /// The sandbox container's init, whose IPC/UTS/PID namespaces a container that
+    /// names namespaces by path joins.
+    pub sandbox_pid: Option<i32>,
+}
+
+/// Namespaces a pod shares through its sandbox container (k8s shares IPC and UTS
+/// always, PID with `shareProcessNamespace`).
+const SHARED_KINDS: &[&str] = &["ipc", "uts", "pid"];
+
+/// Parses and rewrites a container's spec for the guest; returns the JSON to write
+/// as the bundle's config.json.
+pub fn guest_spec(raw: &[u8], ctx: &GuestContext) -> Result<Value, SpecError> {
+    let id = ctx.container_id.to_owned();
+    let mut spec: Value = serde_json::from_slice(raw).map_err(|e| SpecError::NotJson {
+        id: id.clone(),
+        cause: e.to_string(),
+    })?;
+    // Typed parse first: a field of the wrong type is reported here, by name,
+    // rather than as a failure somewhere inside container creation.
+    serde_json::from_value::<oci_spec::runtime::Spec>(spec.clone()).map_err(|e| {
+        SpecError::Malformed {
+            id: id.clone(),
+            cause: e.to_string(),
+        }
+    })?;
+    let obj = spec.as_object_mut().ok_or_else(|| SpecError::Malformed {
+        id: id.clone(),
+        cause: "not a JSON object".into(),
+    })?;
+    if !obj.get("process").is_some_and(Value::is_object) {
+        return Err(SpecError::Malformed {
+            id,
+            cause: "no \"process\": a container needs a process to run".into(),
+        });
+    }
+
+    let readonly = obj
+        .get("root")
+        .and_then(|r| r.get("readonly"))
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    obj.insert(
+        "root".into(),
+        json!({ "path": ctx.rootfs, "readonly": readonly }),
+    );
+    // Host hooks name host binaries; the guest has none of them.
+    obj.remove("hooks");
+    obj["process"]["terminal"] = Value::Bool(ctx.terminal);
+    resolve_user(&mut obj["process"], ctx.rootfs, &id)?;
+
+    for m in obj
+        .get("mounts")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        check_bind_source(m, &id)?;
+    }
+
+    let linux = obj
+        .entry("linux")
+        .or_insert_with(|| json!({}))
+        .as_object_mut()
+        .ok_or_else(|| SpecError::Malformed {
+            id: id.clone(),
+            cause: "\"linux\" is not an object".into(),
+        })?;
+    linux.insert("cgroupsPath".into(), Value::String(ctx.cgroup_path.into()));
+    if let Some(namespaces) = linux.get_mut("namespaces").and_then(Value::as_array_mut) {
+        rewrite_namespaces(namespaces, ctx)?;
+    }
+    Ok(spec)
+}
+
+/// An exec's process: validated like a spec's, with the same user resolution.
+pub fn guest_process(
+    raw: &[u8],
+    container_id: &str,
+    rootfs: &Path,
+    terminal: bool,
+) -> Result<Value, SpecError> {
+    let bad = |cause: String| SpecError::BadProcess {
+        id: container_id.to_owned(),
+        cause,
+    };
+    let mut process: Value = serde_json::from_slice(raw).map_err(|e| bad(e.to_string()))?;
+    serde_json::from_value::<oci_spec::runtime::Process>(process.clone())
+        .map_err(|e| bad(e.to_string()))?;
+    if process
+        .get("args")
+        .and_then(Value::as_array)
+        .is_none_or(Vec::is_empty)
+    {
+        return Err(bad("\"args\" is missing or empty".into()));
+    }
+    process["terminal"] = Value::Bool(terminal);
+    resolve_user(&mut process, rootfs, container_id)?;
+    Ok(process)
+}
+
+/// The pod's network is the guest's own (eth0 is configured by CreateSandbox), so
+/// a network namespace is dropped; host paths of shared namespaces become the
+/// sandbox container's.
+fn rewrite_namespaces(namespaces: &mut Vec<Value>, ctx: &GuestContext) -> Result<(), SpecError> {
+    namespaces.retain(|ns| ns.get("type").and_then(Value::as_str) != Some("network"));
+    for ns in namespaces.iter_mut() {
+        let Some(kind) = ns.get("type").and_then(Value::as_str).map(str::to_owned) else {
+            continue;
+        };
+        let Some(obj) = ns.as_object_mut() else {
+            continue;
+        };
+        if obj
+            .get("path")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .is_empty()
+        {
+            continue;
+        }
+        match (SHARED_KINDS.contains(&kind.as_str()), ctx.sandbox_pid) {
+            (true, Some(pid)) => {
+                obj.insert("path".into(), json!(format!("/proc/{pid}/ns/{kind}")));
+            }
+            (true, None) => {
+                return Err(SpecError::NoSandboxToJoin {
+                    id: ctx.container_id.into(),
+                    kind,
+                })
+            }
+            // A host path of any other kind means nothing here: a new one.
+            (false, _) => {
+                obj.remove("path");
+            }
+        }
+    }
+    Ok(())
+}
+
+fn check_bind_source(mount: &Value, id: &str) -> Result<(), SpecError> {
+    let is_bind = mount.get("type").and_then(Value::as_str) == Some("bind")
+        || mount
+            .get("options")
+            .and_then(Value::as_array)
+            .is_some_and(|o| o.iter().any(|v| v == "bind" || v == "rbind"));
+    let source = mount.get("source").and_then(Value::as_str).unwrap_or("");
+    if is_bind && !Path::new(source).exists() {
+        return Err(SpecError::MissingBindSource {
+            id: id.into(),
+            destination: mount
+                .get("destination")
+                .and_then(Value::as_str)
+                .unwrap_or("?")
+                .into(),
+            bind_source: source.into(),
+        });
+    }
+    Ok(())
+}
+
+/// OCI carries a numeric uid/gid on Linux; a `username` (which the host's
+/// runtime resolves for images it can read) is looked up in the container's own
+/// /etc/passwd, because only the guest can read that.
+fn resolve_user(process: &mut Value, rootfs: &Path, id: &str) -> Result<(), SpecError> {
+    let Some(user) = process.get_mut("user").and_then(Value::as_object_mut) else {
+        return Ok(());
+    };
+    let Some(name) = user
+        .get("username")
+        .and_then(Value::as_str)
+        .filter(|n| !n.is_empty())
+        .map(str::to_owned)
+    else {
+        return Ok(());
+    };
+    let passwd = std::fs::read_to_string(rootfs.join("etc/passwd")).unwrap_or_default();
+    let (uid, gid) = lookup_passwd(&passwd, &name).ok_or_else(|| SpecError::UnknownUser {
+        id: id.into(),
+        user: name,
+    })?;
+    user.insert("uid".into(), json!(uid));
+    user.insert("gid".into(), json!(gid));
+    user.remove("username");
+    Ok(())
+}
+
+fn lookup_passwd(passwd: &str, name: &str) -> Option<(u32, u32)> {
+    passwd.lines().find_map(|line| {
+        let f: Vec<&str> = line.split(':').collect();
+        (f.len() >= 4 && f[0] == name).then(|| Some((f[2].parse().ok()?, f[3].parse().ok()?)))?
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn base_spec() -> Value {
+        json!({
+            "ociVersion": "1.0.2",
+            "process": {"args": ["sh"], "cwd": "/", "user": {"uid": 0, "gid": 0}},
+            "root": {"path": "rootfs", "readonly": true},
+            "hooks": {"prestart": [{"path": "/usr/bin/host-hook"}]},
+            "mounts": [{"destination": "/proc", "type": "proc", "source": "proc"}],
+            "linux": {
+                "cgroupsPath": "kubepods-besteffort.slice:cri-containerd:abc",
+                "namespaces": [
+                    {"type": "pid"},
+                    {"type": "network", "path": "/var/run/netns/cni-1234"},
+                    {"type": "ipc", "path": "/proc/4242/ns/ipc"},
+                    {"type": "uts", "path": "/proc/4242/ns/uts"},
+                    {"type": "mount"}
+                ]
+            }
+        })
+    }
+
+    fn ctx<'a>(rootfs: &'a Path, sandbox_pid: Option<i32>) -> GuestContext<'a> {
+        GuestContext {
+            container_id: "c1",
+            rootfs,
+            cgroup_path: "/peapod/c1",
+            terminal: true,
+            sandbox_pid,
+        }
+    }
+
+    #[test]
+    fn host_objects_become_guest_ones() {
+        let raw = serde_json::to_vec(&base_spec()).unwrap();
+        let root = Path::new("/run/peapod/containers/c1/rootfs");
+        let spec = guest_spec(&raw, &ctx(root, Some(7))).unwrap();
+        assert_eq!(spec["root"]["path"], json!(root));
+        assert_eq!(spec["root"]["readonly"], json!(true));
+        assert!(spec.get("hooks").is_none());
+        assert_eq!(spec["process"]["terminal"], json!(true));
+        assert_eq!(spec["linux"]["cgroupsPath"], json!("/peapod/c1"));
+        let ns = spec["linux"]["namespaces"].as_array().unwrap();
+        assert!(!ns.iter().any(|n| n["type"] == "network"));
+        let ipc = ns.iter().find(|n| n["type"] == "ipc").unwrap();
+        assert_eq!(ipc["path"], json!("/proc/7/ns/ipc"));
+        let pid = ns.iter().find(|n| n["type"] == "pid").unwrap();
+        assert!(pid.get("path").is_none());
+    }
+
+    #[test]
+    fn joining_by_path_needs_a_sandbox() {
+        let raw = serde_json::to_vec(&base_spec()).unwrap();
+        let err = guest_spec(&raw, &ctx(Path::new("/r"), None)).unwrap_err();
+        assert!(err.to_string().contains("ipc namespace"), "{err}");
+    }
+
+    #[test]
+    fn malformed_specs_say_what_is_wrong() {
+        let err = guest_spec(b"{not json", &ctx(Path::new("/r"), None)).unwrap_err();
+        assert!(matches!(err, SpecError::NotJson { .. }), "{err}");
+        let mut spec = base_spec();
+        spec["process"]["args"] = json!("sh");
+        let err = guest_spec(
+            &serde_json::to_vec(&spec).unwrap(),
+            &ctx(Path::new("/r"), Some(1)),
+        )
+        .unwrap_err();
+        assert!(matches!(err, SpecError::Malformed { .. }), "{err}");
+        let mut spec = base_spec();
+        spec.as_object_mut().unwrap().remove("process");
+        let err = guest_spec(
+            &serde_json::to_vec(&spec).unwrap(),
+            &ctx(Path::new("/r"), Some(1)),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("needs a process"), "{err}");
+    }
+
+    #[test]
+    fn a_bind_mount_of_a_missing_source_is_refused() {
+        let mut spec = base_spec();
+        spec["mounts"] = json!([{"destination": "/etc/hosts", "type": "bind",
+            "source": "/var/lib/containerd/nowhere/hosts", "options": ["rbind", "ro"]}]);
+        let err = guest_spec(
+            &serde_json::to_vec(&spec).unwrap(),
+            &ctx(Path::new("/r"), Some(1)),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("/etc/hosts"), "{err}");
+        assert!(err.to_string().contains("CopyFile"), "{err}");
+    }
+
+    #[test]
+    fn usernames_resolve_in_the_container_image() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("etc")).unwrap();
+        std::fs::write(
+            dir.path().join("etc/passwd"),
+            "root:x:0:0:root:/root:/bin/sh\nweb:x:33:34::/var/www:/bin/false\n",
+        )
+        .unwrap();
+        let p = guest_process(
+            br#"{"args":["id"],"cwd":"/","user":{"uid":0,"gid":0,"username":"web"}}"#,
+            "c1",
+            dir.path(),
+            false,
+        )
+        .unwrap();
+        assert_eq!(p["user"]["uid"], json!(33));
+        assert_eq!(p["user"]["gid"], json!(34));
+        let err = guest_process(
+            br#"{"args":["id"],"cwd":"/","user":{"uid":0,"gid":0,"username":"ghost"}}"#,
+            "c1",
+            dir.path(),
+            false,
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("ghost"), "{err}");
+        let err = guest_process(
+            br#"{"args":[],"cwd":"/","user":{"uid":0,"gid":0}}"#,
+            "c1",
+            dir.path(),
+            false,
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("args"), "{err}");
+    }
+}
