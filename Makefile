@@ -22,13 +22,15 @@ test: deps lint build
 	PEAPOD_TEST_INITRD="$$(rootfs/build-test.sh)" \
 	PEAPOD_VMM="$(CURDIR)/$(VMM)" $(CARGO) test --release --workspace --lib --bins --tests
 
-## bench: boot figures against QEMU's microvm, and the devices' cost against raw
-## system calls, each measured in one run.
+## bench: boot figures against QEMU's microvm, the devices' cost against raw system
+## calls, each measured in one run, and a container's start in a guest.
 bench: build
 	.ci/install-deps.sh bench
 	$(CARGO) bench -p peapod-devices --features test-utils --bench devices
 	PEAPOD_KERNEL="$$(kernel-config/build.sh)" PEAPOD_INITRD="$$(rootfs/build.sh)" \
 	PEAPOD_VMM="$(CURDIR)/$(VMM)" $(CARGO) bench -p peapod-tests --bench boot
+	PEAPOD_KERNEL="$$(kernel-config/build.sh)" PEAPOD_INITRD="$$(rootfs/build.sh)" \
+	PEAPOD_VMM="$(CURDIR)/$(VMM)" $(CARGO) bench -p peapod-tests --bench agent
 
 deps:
 	.ci/install-deps.sh

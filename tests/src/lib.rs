@@ -15,6 +15,8 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+pub mod agent;
+pub mod layers;
 pub mod netns;
 pub mod probe;
 pub mod vsock;
