@@ -29,7 +29,8 @@ bench: build
 	$(CARGO) bench -p peapod-devices --features test-utils --bench devices
 	PEAPOD_KERNEL="$$(kernel-config/build.sh)" PEAPOD_INITRD="$$(rootfs/build.sh)" \
 	PEAPOD_VMM="$(CURDIR)/$(VMM)" $(CARGO) bench -p peapod-tests --bench boot
-	PEAPOD_KERNEL="$$(kernel-config/build.sh)" PEAPOD_INITRD="$$(rootfs/build.sh)" \
+	PEAPOD_KERNEL="$$(kernel-config/build.sh)" \
+	PEAPOD_INITRD="$$(rootfs/build-test.sh --with-strace target/peapod/bench-initramfs.cpio)" \
 	PEAPOD_VMM="$(CURDIR)/$(VMM)" $(CARGO) bench -p peapod-tests --bench agent
 
 deps:

@@ -12,7 +12,9 @@ pkgs+=(busybox-static e2fsprogs iproute2)
 # The agent: libcontainer applies containers' seccomp profiles with libseccomp
 # (linked statically into the agent); the agent tests build EROFS layer disks.
 pkgs+=(libseccomp-dev erofs-utils)
-[ "${1:-}" = bench ] && pkgs+=(qemu-system-x86)
+# Benchmarks: QEMU is the boot benchmark's peer; strace counts the agent's system
+# calls in the guest.
+[ "${1:-}" = bench ] && pkgs+=(qemu-system-x86 strace)
 
 missing=()
 for p in "${pkgs[@]}"; do

@@ -4,10 +4,18 @@
 # as /bin/busybox, with a /bin link per applet. The device tests drive the guest
 # through the probe. Prints the archive's path.
 #
-#   rootfs/build-test.sh [OUT]   # default: target/peapod/test-initramfs.cpio
+#   rootfs/build-test.sh [--with-strace] [OUT]   # default: target/peapod/test-initramfs.cpio
+#
+# --with-strace adds Debian's strace with the libraries and loader it needs, for the
+# container-start benchmark (the agent runs it with peapod.strace=/usr/bin/strace).
 set -euo pipefail
 
 repo=$(cd "$(dirname "$0")/.." && pwd)
+with_strace=
+if [ "${1:-}" = --with-strace ]; then
+    with_strace=1
+    shift
+fi
 out=${1:-$repo/target/peapod/test-initramfs.cpio}
 triple=x86_64-unknown-linux-gnu
 log() { echo "rootfs-test: $*" >&2; }
@@ -45,4 +53,12 @@ install -m 0755 /bin/busybox "$overlay/bin/busybox"
 for applet in $(/bin/busybox --list); do
     [ "$applet" = busybox ] || ln -s busybox "$overlay/bin/$applet"
 done
+if [ -n "$with_strace" ]; then
+    strace=$(command -v strace) || { log "strace is not installed (.ci/install-deps.sh bench)"; exit 1; }
+    # The binary, then every library ldd names and the loader, at their own paths.
+    for f in "$strace" $(ldd "$strace" | grep -oE '/[^ ]+'); do
+        mkdir -p "$overlay$(dirname "$f")"
+        cp -L "$f" "$overlay$f"
+    done
+fi
 "$repo/rootfs/build.sh" --overlay "$overlay" "$out"

@@ -15,7 +15,7 @@ if [ "${1:-}" = --overlay ]; then
     [ -d "$overlay" ] || { echo "rootfs: overlay $overlay is not a directory" >&2; exit 1; }
     shift 2
 fi
-out=${1:-$repo/target/peapod/initramfs.cpio}
+out=$(realpath -m "${1:-$repo/target/peapod/initramfs.cpio}")
 triple=x86_64-unknown-linux-gnu
 log() { echo "rootfs: $*" >&2; }
 

@@ -12,6 +12,7 @@ pub mod sandbox;
 pub mod server;
 pub mod spec;
 pub mod storage;
+pub mod trace;
 
 /// Locks a mutex; a thread that panicked while holding it leaves data that is
 /// still the best the agent has.

@@ -55,7 +55,7 @@ extern "C" fn main(
     runtime.block_on(async {
         tokio::spawn(peapod_agent::log::serve(log_lines));
         tokio::spawn(peapod_agent::log::forward_kernel_messages());
-        match serve().await {
+        match serve(&cmdline).await {
             Ok(()) => log::info!("sandbox destroyed, powering off"),
             Err(e) => {
                 log::error!("{e}");
@@ -68,9 +68,10 @@ extern "C" fn main(
 
 /// Serves the API until DestroySandbox has been answered.
 #[cfg(not(test))]
-async fn serve() -> Result<(), String> {
+async fn serve(cmdline: &str) -> Result<(), String> {
+    let trace = peapod_agent::trace::SyscallTrace::from_cmdline(cmdline);
     let service =
-        AgentService::start().map_err(|e| format!("cannot start the agent service: {e}"))?;
+        AgentService::start(trace).map_err(|e| format!("cannot start the agent service: {e}"))?;
     let destroyed = service.destroyed.clone();
     let address = format!("vsock://-1:{}", peapod_agent_protocol::AGENT_PORT);
     let mut server = peapod_agent_protocol::ttrpc::r#async::Server::new()

@@ -32,6 +32,7 @@ pub struct AgentService {
     oom_events: tokio::sync::Mutex<mpsc::UnboundedReceiver<String>>,
     /// Set by DestroySandbox; main powers the VM off once the reply is out.
     pub destroyed: Arc<Notify>,
+    trace: Option<crate::trace::SyscallTrace>,
 }
 
 fn status(code: ttrpc::Code, msg: impl ToString) -> ttrpc::Error {
@@ -67,7 +68,7 @@ async fn blocking<T: Send + 'static>(
 
 impl AgentService {
     /// Starts the service's background tasks on the current runtime.
-    pub fn start() -> std::io::Result<Arc<Self>> {
+    pub fn start(trace: Option<crate::trace::SyscallTrace>) -> std::io::Result<Arc<Self>> {
         let reaper = Arc::new(Reaper::default());
         tokio::spawn(reaper.clone().run());
         let (oom_tx, oom_rx) = mpsc::unbounded_channel();
@@ -78,6 +79,7 @@ impl AgentService {
             oom: Mutex::new(watcher),
             oom_events: tokio::sync::Mutex::new(oom_rx),
             destroyed: Arc::new(Notify::new()),
+            trace,
         });
         tokio::spawn(service.clone().watch_oom(oom_tx));
         tokio::spawn(service.clone().serve_stdio());
@@ -376,6 +378,10 @@ impl proto::Agent for AgentService {
         _ctx: &TtrpcContext,
         _req: proto::DestroySandboxRequest,
     ) -> RpcResult<proto::Empty> {
+        // Before the teardown: the count is of what came before it.
+        if let Some(trace) = &self.trace {
+            trace.finish().await;
+        }
         self.remove_all().await;
         self.destroyed.notify_one();
         Ok(proto::Empty::new())
