@@ -55,7 +55,7 @@ extern "C" fn main(
     runtime.block_on(async {
         tokio::spawn(peapod_agent::log::serve(log_lines));
         tokio::spawn(peapod_agent::log::forward_kernel_messages());
-        match serve(&cmdline).await {
+        match serve(&cmdline, &release).await {
             Ok(()) => log::info!("sandbox destroyed, powering off"),
             Err(e) => {
                 log::error!("{e}");
@@ -68,7 +68,7 @@ extern "C" fn main(
 
 /// Serves the API until DestroySandbox has been answered.
 #[cfg(not(test))]
-async fn serve(cmdline: &str) -> Result<(), String> {
+async fn serve(cmdline: &str, release: &str) -> Result<(), String> {
     let trace = peapod_agent::trace::SyscallTrace::from_cmdline(cmdline);
     let service =
         AgentService::start(trace).map_err(|e| format!("cannot start the agent service: {e}"))?;
@@ -82,9 +82,6 @@ async fn serve(cmdline: &str) -> Result<(), String> {
         .start()
         .await
         .map_err(|e| format!("cannot serve on {address}: {e}"))?;
-    let release = nix::sys::utsname::uname()
-        .map(|u| u.release().to_string_lossy().into_owned())
-        .unwrap_or_default();
     log::info!("ready kernel={release}, serving on {address}");
     {
         use std::io::Write;

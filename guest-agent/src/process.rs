@@ -273,8 +273,7 @@ impl Process {
         // Dropping the writer is the process's EOF.
     }
 
-    async fn pump_output(&self, reader: pipe::Receiver, mut conn: VsockStream) {
-        let mut reader = BufReader::with_capacity(PUMP_BUFFER, reader);
+    async fn pump_output(&self, mut reader: pipe::Receiver, mut conn: VsockStream) {
         let mut buf = vec![0u8; PUMP_BUFFER];
         loop {
             match reader.read(&mut buf).await {
