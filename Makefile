@@ -7,6 +7,7 @@ CARGO ?= cargo
 TRIPLE := x86_64-unknown-linux-gnu
 STATIC_BUILD := RUSTFLAGS="-C target-feature=+crt-static" $(CARGO) build --release --target $(TRIPLE)
 VMM := target/$(TRIPLE)/release/peapod-vmm
+SHIM := target/release/containerd-shim-peapod-v2
 
 .PHONY: demo test bench deps lint build
 
@@ -20,7 +21,8 @@ demo: deps build
 test: deps lint build
 	PEAPOD_KERNEL="$$(kernel-config/build.sh)" PEAPOD_INITRD="$$(rootfs/build.sh)" \
 	PEAPOD_TEST_INITRD="$$(rootfs/build-test.sh)" \
-	PEAPOD_VMM="$(CURDIR)/$(VMM)" $(CARGO) test --release --workspace --lib --bins --tests
+	PEAPOD_VMM="$(CURDIR)/$(VMM)" PEAPOD_SHIM="$(CURDIR)/$(SHIM)" \
+	$(CARGO) test --release --workspace --lib --bins --tests
 
 ## bench: boot figures against QEMU's microvm, the devices' cost against raw system
 ## calls, each measured in one run, and a container's start in a guest.
@@ -43,3 +45,4 @@ lint:
 build:
 	$(STATIC_BUILD) -p peapod-vmm
 	@if readelf -l $(VMM) | grep -q INTERP; then echo "$(VMM) is not static" >&2; exit 1; fi
+	$(CARGO) build --release -p peapod-shim

@@ -12,6 +12,8 @@ pkgs+=(busybox-static e2fsprogs iproute2)
 # The agent: libcontainer applies containers' seccomp profiles with libseccomp
 # (linked statically into the agent); the agent tests build EROFS layer disks.
 pkgs+=(libseccomp-dev erofs-utils)
+# The shim's tests: a private containerd (with ctr; runc comes with it) runs pods.
+pkgs+=(containerd)
 # Benchmarks: QEMU is the boot benchmark's peer; strace counts the agent's system
 # calls in the guest.
 [ "${1:-}" = bench ] && pkgs+=(qemu-system-x86 strace)

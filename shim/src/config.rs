@@ -1,0 +1,235 @@
+//! The shim's configuration: one TOML file, `/etc/peapod/config.toml` unless
+//! `PEAPOD_CONFIG` or the runtime's options (`config_path`) name another. Every key has
+//! a default that works on a node where `make install` put the files.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// Where the configuration is read from when nothing names a file.
+pub const DEFAULT_CONFIG: &str = "/etc/peapod/config.toml";
+/// The environment variable that names the configuration file.
+pub const CONFIG_ENV: &str = "PEAPOD_CONFIG";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("peapod config {path}: cannot read it: {source} (set {CONFIG_ENV} or the runtime's config_path to an existing file)")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("peapod config {path}: {source}(the keys are listed in docs/shim.md)")]
+    Parse {
+        path: PathBuf,
+        source: Box<toml::de::Error>,
+    },
+    #[error("peapod config {path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// The guest kernel (uncompressed vmlinux).
+    pub kernel: PathBuf,
+    /// The guest initramfs, whose /init is the agent.
+    pub initrd: PathBuf,
+    /// The `peapod-vmm` binary; relative to the shim's own directory if relative.
+    pub vmm: PathBuf,
+    /// Per-pod state: sockets, disks of the pod's containers, the VMM's pid.
+    pub state_dir: PathBuf,
+    /// Read-only layer images, shared by every pod on the node.
+    pub layer_cache: PathBuf,
+    /// vCPUs of a pod whose annotations set no CPU limit.
+    pub default_vcpus: u32,
+    /// Guest memory of a pod whose annotations set no memory limit.
+    pub default_memory_mib: u64,
+    /// Added to the pod's memory limit for the guest kernel and the agent.
+    pub memory_overhead_mib: u64,
+    /// Most vCPUs a pod gets, whatever its limit.
+    pub max_vcpus: u32,
+    /// Empty disk slots the VM boots with: one per distinct layer and one upper per
+    /// container. virtio-mmio has no hotplug, so this bounds a pod's containers.
+    pub block_slots: u32,
+    /// Size of each container's writable layer (a sparse file: only what is written
+    /// takes space).
+    pub upper_size_mib: u64,
+    /// The shim's log level (containerd's shim log): error, warn, info, debug, trace.
+    pub log_level: String,
+    /// Keep the guest's console in `<state_dir>/<pod>/console.log` (for debugging).
+    pub guest_console: bool,
+    /// Words appended to the guest kernel's command line.
+    pub kernel_cmdline: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            kernel: "/usr/share/peapod/vmlinux".into(),
+            initrd: "/usr/share/peapod/initramfs.cpio".into(),
+            vmm: "peapod-vmm".into(),
+            state_dir: "/run/peapod/pods".into(),
+            layer_cache: "/var/lib/peapod/layers".into(),
+            default_vcpus: 1,
+            default_memory_mib: 256,
+            memory_overhead_mib: 64,
+            max_vcpus: 8,
+            block_slots: 12,
+            upper_size_mib: 10 * 1024,
+            log_level: "info".into(),
+            guest_console: false,
+            kernel_cmdline: String::new(),
+        }
+    }
+}
+
+impl Config {
+    /// Reads the configuration: `explicit` (the runtime options' `config_path`), else
+    /// `$PEAPOD_CONFIG`, else [`DEFAULT_CONFIG`] if it exists, else the defaults.
+    pub fn load(explicit: Option<&Path>) -> Result<Config, ConfigError> {
+        let env = std::env::var_os(CONFIG_ENV).map(PathBuf::from);
+        let path = match explicit.map(Path::to_path_buf).or(env) {
+            Some(p) => p,
+            None if Path::new(DEFAULT_CONFIG).exists() => PathBuf::from(DEFAULT_CONFIG),
+            None => return Ok(Config::default()),
+        };
+        let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::Read {
+            path: path.clone(),
+            source,
+        })?;
+        Config::parse(&path, &text)
+    }
+
+    pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+        let mut config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            source: Box::new(e),
+        })?;
+        let invalid = |message: String| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            message,
+        };
+        if config.default_vcpus == 0 || config.max_vcpus == 0 {
+            return Err(invalid(
+                "default_vcpus and max_vcpus must be at least 1".into(),
+            ));
+        }
+        if config.block_slots < 2 || config.block_slots > 16 {
+            return Err(invalid(format!(
+                "block_slots = {}: a pod needs at least 2 (a layer and an upper) and the VM \
+                 has room for at most 16 besides its network and vsock devices",
+                config.block_slots
+            )));
+        }
+        if config.default_memory_mib < 64 {
+            return Err(invalid(format!(
+                "default_memory_mib = {}: the guest needs at least 64",
+                config.default_memory_mib
+            )));
+        }
+        if config.vmm.is_relative() {
+            config.vmm = resolve_beside_self(&config.vmm);
+        }
+        Ok(config)
+    }
+
+    /// Memory and vCPUs of a pod from its sandbox annotations (the pod's limits as CRI
+    /// passes them), with the defaults where a pod sets none.
+    pub fn vm_size(&self, annotations: &serde_json::Map<String, serde_json::Value>) -> VmSize {
+        let num = |key: &str| -> Option<u64> {
+            annotations
+                .get(key)?
+                .as_str()?
+                .trim()
+                .parse::<u64>()
+                .ok()
+                .filter(|&v| v > 0)
+        };
+        let quota = num("io.kubernetes.cri.sandbox-cpu-quota");
+        let period = num("io.kubernetes.cri.sandbox-cpu-period");
+        let vcpus = match (quota, period) {
+            (Some(q), Some(p)) => q.div_ceil(p).min(self.max_vcpus as u64) as u32,
+            _ => self.default_vcpus,
+        };
+        let memory_mib = match num("io.kubernetes.cri.sandbox-memory") {
+            Some(bytes) => bytes.div_ceil(1 << 20) + self.memory_overhead_mib,
+            None => self.default_memory_mib,
+        };
+        // The VMM wants a multiple of 2 MiB.
+        VmSize {
+            vcpus: vcpus.max(1),
+            memory_mib: memory_mib.div_ceil(2) * 2,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VmSize {
+    pub vcpus: u32,
+    pub memory_mib: u64,
+}
+
+/// `name` in the directory of the running executable if it exists there, else `name`
+/// as given (looked up on PATH when run).
+fn resolve_beside_self(name: &Path) -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(|d| d.join(name)))
+        .filter(|p| p.exists())
+        .unwrap_or_else(|| name.to_path_buf())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(Path::new("/etc/peapod/test.toml"), text)
+    }
+
+    #[test]
+    fn empty_file_is_the_defaults() {
+        let c = parse("vmm = \"/usr/bin/peapod-vmm\"").unwrap();
+        assert_eq!(c.vmm, PathBuf::from("/usr/bin/peapod-vmm"));
+        assert_eq!(c.block_slots, Config::default().block_slots);
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_name_the_file() {
+        let e = parse("kernal = \"/x\"").unwrap_err().to_string();
+        assert!(e.contains("test.toml") && e.contains("kernal"), "{e}");
+        let e = parse("block_slots = 40").unwrap_err().to_string();
+        assert!(e.contains("block_slots = 40"), "{e}");
+    }
+
+    #[test]
+    fn a_missing_named_file_is_an_error() {
+        let e = Config::load(Some(Path::new("/nonexistent/peapod.toml")))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("/nonexistent/peapod.toml"), "{e}");
+    }
+
+    #[test]
+    fn the_pod_size_comes_from_its_annotations() {
+        let c = parse("").unwrap();
+        let none = serde_json::Map::new();
+        assert_eq!(
+            c.vm_size(&none),
+            VmSize {
+                vcpus: 1,
+                memory_mib: 256
+            }
+        );
+        let a = json!({
+            "io.kubernetes.cri.sandbox-cpu-quota": "150000",
+            "io.kubernetes.cri.sandbox-cpu-period": "100000",
+            "io.kubernetes.cri.sandbox-memory": "134217729",
+        });
+        let size = c.vm_size(a.as_object().unwrap());
+        assert_eq!(size.vcpus, 2);
+        // 128 MiB and one byte rounds up to 129, plus 64 of overhead, to even.
+        assert_eq!(size.memory_mib, 194);
+    }
+}

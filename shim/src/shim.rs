@@ -1,0 +1,197 @@
+//! The shim's process life: `start` (run by containerd once per container; starts
+//! the pod's shim server or finds the running one), `delete` (cleans up a task from
+//! its bundle alone) and the server itself.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use containerd_shim::asynchronous::{ExitSignal, Shim};
+use containerd_shim::publisher::RemotePublisher;
+use containerd_shim::{Config as ShimConfig, Error, Flags, StartOpts};
+use containerd_shim_protos::api;
+use containerd_shim_protos::protobuf::MessageField;
+use serde_json::Value;
+
+use crate::config::{Config, CONFIG_ENV};
+use crate::pod::{self, Service};
+use crate::state::{self, TaskRecord};
+
+/// The runtime type containerd knows the shim by.
+pub const RUNTIME_TYPE: &str = "io.containerd.peapod.v2";
+
+pub struct PeapodShim {
+    namespace: String,
+    bundle: String,
+    debug: bool,
+    exit: Arc<ExitSignal>,
+}
+
+/// The crate's own reaping and subreaper are off: the VMM is the shim's only child
+/// and the pod supervises it itself.
+pub fn shim_config() -> ShimConfig {
+    ShimConfig {
+        no_reaper: true,
+        no_sub_reaper: true,
+        ..Default::default()
+    }
+}
+
+fn other(what: impl std::fmt::Display) -> Error {
+    Error::Other(what.to_string())
+}
+
+/// The configuration of the server: the file the runtime options name (passed on as
+/// `PEAPOD_CONFIG` by `start`), or the default.
+fn load_config() -> Result<Config, Error> {
+    Config::load(None).map_err(other)
+}
+
+#[async_trait]
+impl Shim for PeapodShim {
+    type T = Service;
+
+    async fn new(_runtime_id: &str, args: &Flags, _config: &mut ShimConfig) -> Self {
+        PeapodShim {
+            namespace: args.namespace.clone(),
+            bundle: args.bundle.clone(),
+            debug: args.debug,
+            exit: Arc::new(ExitSignal::default()),
+        }
+    }
+
+    /// One shim per pod: containers carrying the same `io.kubernetes.cri.sandbox-id`
+    /// share the socket of the first; a container without it is a pod of its own.
+    async fn start_shim(&mut self, opts: StartOpts) -> Result<String, Error> {
+        let spec: Value = std::fs::read("config.json")
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .ok_or_else(|| {
+                other(format!(
+                    "task {}: no readable config.json in the bundle",
+                    opts.id
+                ))
+            })?;
+        let (grouping, _) = pod::pod_identity(&opts.id, &spec);
+        let address = containerd_shim::socket_address(&opts.address, &opts.namespace, &grouping);
+        let socket_path = address.trim_start_matches("unix://").to_string();
+        if std::os::unix::net::UnixStream::connect(&socket_path).is_ok() {
+            // The pod's shim runs already.
+            std::fs::write("address", &address).map_err(other)?;
+            return Ok(address);
+        }
+        let mut stdin = Vec::new();
+        let _ = std::io::stdin().read_to_end(&mut stdin);
+        let config_path = crate::options::from_stdin_bytes(&stdin)
+            .and_then(|any| crate::options::config_path(&any));
+        spawn_server(&opts, &address, config_path.as_deref()).await?;
+        std::fs::write("address", &address).map_err(other)?;
+        Ok(address)
+    }
+
+    /// Cleans up after a task whose shim is gone (or never answered), from the
+    /// bundle alone: its container's files and, for the pod's sandbox, the VMM, the
+    /// network plumbing and the pod's directory. Idempotent.
+    async fn delete_shim(&mut self) -> Result<api::DeleteResponse, Error> {
+        let bundle = PathBuf::from(&self.bundle);
+        let dir = if bundle.as_os_str().is_empty() {
+            std::env::current_dir().map_err(other)?
+        } else {
+            bundle
+        };
+        tokio::task::spawn_blocking(move || cleanup_from_bundle(&dir))
+            .await
+            .map_err(other)?
+            .map_err(other)?;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        Ok(api::DeleteResponse {
+            pid: 0,
+            exit_status: 128 + libc::SIGKILL as u32,
+            exited_at: MessageField::some(
+                containerd_shim_protos::protobuf::well_known_types::timestamp::Timestamp {
+                    seconds: now.as_secs() as i64,
+                    nanos: now.subsec_nanos() as i32,
+                    ..Default::default()
+                },
+            ),
+            ..Default::default()
+        })
+    }
+
+    async fn wait(&mut self) {
+        self.exit.wait().await;
+    }
+
+    async fn create_task_service(&self, publisher: RemotePublisher) -> Self::T {
+        let config = match load_config() {
+            Ok(c) => c,
+            Err(e) => {
+                // Nothing can run without a configuration; say why and leave.
+                log::error!("{e}");
+                eprintln!("{e}");
+                std::process::exit(1);
+            }
+        };
+        if let Ok(level) = config.log_level.parse::<log::LevelFilter>() {
+            if !self.debug {
+                log::set_max_level(level);
+            }
+        }
+        Service::new(config, self.namespace.clone(), publisher, self.exit.clone())
+    }
+}
+
+/// What `delete` does, as a function of the bundle directory.
+pub fn cleanup_from_bundle(bundle: &Path) -> std::io::Result<()> {
+    let Some(rec) = state::read_json::<TaskRecord>(&bundle.join(state::BUNDLE_FILE))? else {
+        return Ok(());
+    };
+    state::remove_dir(&rec.work_dir)?;
+    if rec.sandbox {
+        pod::cleanup_pod_dir(&rec.pod_dir)?;
+    }
+    match std::fs::remove_file(bundle.join(state::BUNDLE_FILE)) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
+/// Starts the shim server (this binary without `start`) in its own session, and
+/// waits until it has its socket (it closes its stdout then).
+async fn spawn_server(
+    opts: &StartOpts,
+    address: &str,
+    config_path: Option<&Path>,
+) -> Result<(), Error> {
+    use std::os::unix::process::CommandExt;
+    let exe = std::env::current_exe().map_err(other)?;
+    let mut cmd = std::process::Command::new(exe);
+    cmd.current_dir(std::env::current_dir().map_err(other)?)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .args(["-namespace", &opts.namespace, "-id", &opts.id])
+        .args(["-address", &opts.address, "-socket", address]);
+    if opts.debug {
+        cmd.arg("-debug");
+    }
+    if let Some(p) = config_path {
+        cmd.env(CONFIG_ENV, p);
+    }
+    // Its own session: a signal to containerd's process group does not reach it.
+    cmd.process_group(0);
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| other(format!("starting the shim server: {e}")))?;
+    let mut out = child.stdout.take().expect("piped");
+    tokio::task::spawn_blocking(move || {
+        let mut sink = Vec::new();
+        let _ = out.read_to_end(&mut sink);
+    })
+    .await
+    .map_err(other)?;
+    Ok(())
+}

@@ -1,0 +1,260 @@
+//! The pod's VMM: a `peapod-vmm` child process, and a client of its control API
+//! (JSON over HTTP/1.1 on a unix socket, one request per connection).
+
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::UnixStream;
+use tokio::process::{Child, Command};
+
+use crate::config::{Config, VmSize};
+
+/// The fd number the tap has in the VMM (`--net fd=3`).
+const TAP_FD: i32 = 3;
+/// How long one API request may take.
+const API_TIMEOUT: Duration = Duration::from_secs(30);
+/// The guest CID every pod's VM gets: the vsock device is the VM's own, so CIDs need
+/// not be unique on the host.
+pub const GUEST_CID: u32 = 3;
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmmError {
+    #[error(
+        "starting the VMM {path}: {source} (install peapod-vmm or set `vmm` in the peapod config)"
+    )]
+    Spawn { path: PathBuf, source: io::Error },
+    #[error("VMM API {what} on {socket}: {source}")]
+    Io {
+        what: String,
+        socket: PathBuf,
+        source: io::Error,
+    },
+    #[error("VMM API {what}: the VMM answered {status}: {body}")]
+    Status {
+        what: String,
+        status: u16,
+        body: String,
+    },
+}
+
+/// The files of one VM, all inside the pod's state directory.
+#[derive(Debug, Clone)]
+pub struct VmPaths {
+    pub api_socket: PathBuf,
+    pub vsock_socket: PathBuf,
+    pub console: PathBuf,
+    pub log: PathBuf,
+}
+
+impl VmPaths {
+    pub fn in_dir(dir: &Path) -> VmPaths {
+        VmPaths {
+            api_socket: dir.join("api.sock"),
+            vsock_socket: dir.join("vsock.sock"),
+            console: dir.join("console.log"),
+            log: dir.join("vmm.log"),
+        }
+    }
+}
+
+/// What the VM is booted with.
+pub struct VmSpec<'a> {
+    pub config: &'a Config,
+    pub size: VmSize,
+    pub paths: &'a VmPaths,
+    /// The pod's tap and the MAC the guest's card takes (the veth's).
+    pub tap: Option<(&'a OwnedFd, &'a str)>,
+}
+
+/// Starts the VMM. It dies with the shim (PR_SET_PDEATHSIG), so a crashed shim does
+/// not leave a VM behind; `delete` also kills it by its pid file.
+pub fn spawn(spec: &VmSpec) -> Result<Child, VmmError> {
+    let c = spec.config;
+    let p = spec.paths;
+    let log = std::fs::File::create(&p.log).map_err(|source| VmmError::Spawn {
+        path: p.log.clone(),
+        source,
+    })?;
+    let mut cmd = Command::new(&c.vmm);
+    cmd.arg("--kernel")
+        .arg(&c.kernel)
+        .arg("--initrd")
+        .arg(&c.initrd)
+        .args(["--vcpus", &spec.size.vcpus.to_string()])
+        .args(["--memory", &spec.size.memory_mib.to_string()])
+        .args(["--block-slots", &c.block_slots.to_string()])
+        .arg("--vsock")
+        .arg(format!(
+            "cid={GUEST_CID},socket={}",
+            p.vsock_socket.display()
+        ))
+        .arg("--api-socket")
+        .arg(&p.api_socket)
+        .arg("--console")
+        .arg(if c.guest_console {
+            p.console.as_os_str()
+        } else {
+            "off".as_ref()
+        });
+    let mut cmdline = c.kernel_cmdline.clone();
+    if c.guest_console {
+        cmdline.push_str(" peapod.log=console");
+    }
+    if !cmdline.trim().is_empty() {
+        cmd.args(["--cmdline", cmdline.trim()]);
+    }
+    let tap_fd = spec.tap.map(|(fd, mac)| {
+        cmd.arg("--net").arg(format!("fd={TAP_FD},mac={mac}"));
+        fd.as_raw_fd()
+    });
+    cmd.stdin(Stdio::null())
+        .stdout(log.try_clone().map_err(|source| VmmError::Spawn {
+            path: p.log.clone(),
+            source,
+        })?)
+        .stderr(log)
+        .kill_on_drop(false);
+    // SAFETY: the closure runs in the child between fork and exec and calls only
+    // async-signal-safe functions (prctl, dup2, fcntl) on fds the parent keeps open
+    // until spawn returns.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            if let Some(fd) = tap_fd {
+                if fd == TAP_FD {
+                    // Already in place: only let it survive exec.
+                    let flags = libc::fcntl(fd, libc::F_GETFD);
+                    libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC);
+                } else if libc::dup2(fd, TAP_FD) < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+    cmd.spawn().map_err(|source| VmmError::Spawn {
+        path: c.vmm.clone(),
+        source,
+    })
+}
+
+/// The VMM's control API.
+#[derive(Debug, Clone)]
+pub struct VmmApi {
+    socket: PathBuf,
+}
+
+impl VmmApi {
+    pub fn new(socket: PathBuf) -> VmmApi {
+        VmmApi { socket }
+    }
+
+    /// Waits until the API socket answers `vm.info` (the VMM creates it before the
+    /// first guest instruction), or `timeout`.
+    pub async fn wait_ready(&self, timeout: Duration) -> Result<(), VmmError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            match self.request("GET", "vm.info", "").await {
+                Ok(_) => return Ok(()),
+                Err(e) if tokio::time::Instant::now() >= deadline => return Err(e),
+                Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        }
+    }
+
+    /// Puts a disk image in an empty slot: the guest sees a disk with `serial`.
+    pub async fn block_set(
+        &self,
+        slot: u32,
+        path: &Path,
+        read_only: bool,
+        serial: &str,
+    ) -> Result<(), VmmError> {
+        let body = serde_json::json!({
+            "slot": slot, "path": path, "read_only": read_only, "id": serial,
+        });
+        self.request("PUT", "block.set", &body.to_string())
+            .await
+            .map(drop)
+    }
+
+    /// Empties a slot again.
+    pub async fn block_clear(&self, slot: u32) -> Result<(), VmmError> {
+        let body = serde_json::json!({ "slot": slot });
+        self.request("PUT", "block.clear", &body.to_string())
+            .await
+            .map(drop)
+    }
+
+    pub async fn pause(&self) -> Result<(), VmmError> {
+        self.request("PUT", "vm.pause", "").await.map(drop)
+    }
+
+    pub async fn resume(&self) -> Result<(), VmmError> {
+        self.request("PUT", "vm.resume", "").await.map(drop)
+    }
+
+    /// One request; returns the body of a 2xx answer.
+    async fn request(&self, method: &str, call: &str, body: &str) -> Result<String, VmmError> {
+        let what = format!("{method} {call}");
+        let io_err = |source| VmmError::Io {
+            what: what.clone(),
+            socket: self.socket.clone(),
+            source,
+        };
+        let exchange = async {
+            let mut s = UnixStream::connect(&self.socket).await?;
+            let content_type = if body.is_empty() {
+                ""
+            } else {
+                "Content-Type: application/json\r\n"
+            };
+            let req = format!(
+                "{method} /api/v1/{call} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\
+                 {content_type}Content-Length: {}\r\n\r\n{body}",
+                body.len()
+            );
+            s.write_all(req.as_bytes()).await?;
+            let mut reply = Vec::new();
+            s.read_to_end(&mut reply).await?;
+            Ok::<_, io::Error>(String::from_utf8_lossy(&reply).into_owned())
+        };
+        let reply = match tokio::time::timeout(API_TIMEOUT, exchange).await {
+            Ok(r) => r.map_err(io_err)?,
+            Err(_) => return Err(io_err(io::ErrorKind::TimedOut.into())),
+        };
+        let status: u16 = reply
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .ok_or_else(|| {
+                io_err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("not an HTTP reply: {reply:?}"),
+                ))
+            })?;
+        let body = reply.split_once("\r\n\r\n").map(|x| x.1).unwrap_or("");
+        if (200..300).contains(&status) {
+            Ok(body.to_string())
+        } else {
+            Err(VmmError::Status {
+                what,
+                status,
+                body: body.trim().to_string(),
+            })
+        }
+    }
+}
+
+/// The last `max` bytes of the VMM's log, for error messages.
+pub fn log_tail(paths: &VmPaths, max: usize) -> String {
+    let text = std::fs::read(&paths.log).unwrap_or_default();
+    let start = text.len().saturating_sub(max);
+    String::from_utf8_lossy(&text[start..]).trim().to_string()
+}
