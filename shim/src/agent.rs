@@ -8,7 +8,7 @@ use std::time::Duration;
 use peapod_agent_protocol::{
     ttrpc, AgentClient, StdioHeader, StdioStream, AGENT_PORT, MAX_STDIO_HEADER, STDIO_PORT,
 };
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 
 /// How long a handshake line may take.
@@ -128,4 +128,31 @@ pub async fn attach(
             "{what}: the agent answered {answer:?}"
         )))
     }
+}
+
+/// Forwards the agent's log (vsock port LOG_PORT: the agent's own lines and the
+/// guest kernel's) into the shim's log, so that containerd's log shows what happened
+/// in the guest. `pod` prefixes each line. Ends when the VM does.
+pub fn forward_log(uds: &Path, pod: &str) {
+    let uds = uds.to_path_buf();
+    let pod = pod.to_string();
+    tokio::spawn(async move {
+        let stream = match vsock_connect(&uds, peapod_agent_protocol::LOG_PORT).await {
+            Ok(s) => s,
+            Err(e) => {
+                log::warn!("pod {pod}: the guest's log: {e}");
+                return;
+            }
+        };
+        let mut lines = tokio::io::BufReader::new(stream).lines();
+        while let Ok(Some(line)) = lines.next_line().await {
+            let line = line.strip_prefix("peapod-agent: ").unwrap_or(&line);
+            match line.split_once(' ') {
+                Some(("ERROR", rest)) => log::error!("pod {pod}: guest: {rest}"),
+                Some(("WARN", rest)) => log::warn!("pod {pod}: guest: {rest}"),
+                Some(("INFO", rest)) => log::info!("pod {pod}: guest: {rest}"),
+                _ => log::debug!("pod {pod}: guest: {line}"),
+            }
+        }
+    });
 }

@@ -868,17 +868,6 @@ mod tests {
     use std::sync::atomic::{AtomicU32, Ordering};
     use std::time::Instant;
 
-    /// These tests create network namespaces, veths and taps: without root they fail.
-    fn require_root() {
-        // SAFETY: geteuid(2) has no preconditions and cannot fail.
-        let euid = unsafe { libc::geteuid() };
-        assert_eq!(
-            euid, 0,
-            "this test needs root: it creates network namespaces, veths and taps \
-             (run the tests as root)"
-        );
-    }
-
     fn run(program: &str, args: &[&str]) -> String {
         let out = Command::new(program)
             .args(args)
@@ -911,7 +900,7 @@ mod tests {
         /// With `address`, the pod's veth gets `pod_ip/24`, MTU 1400, a default route
         /// via the peer, a gateway route and an on-link route, like CNI gives.
         fn new(address: bool) -> Self {
-            require_root();
+            crate::test_util::require_root("it creates network namespaces, veths and taps");
             static NEXT: AtomicU32 = AtomicU32::new(0);
             let n = NEXT.fetch_add(1, Ordering::SeqCst);
             let pid = std::process::id();

@@ -17,21 +17,15 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_trait::async_trait;
 use containerd_shim::asynchronous::ExitSignal;
 use containerd_shim::event::Event;
 use containerd_shim::publisher::RemotePublisher;
-use containerd_shim::TtrpcResult;
 use containerd_shim_protos::api;
 use containerd_shim_protos::events::task::{
-    TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskIO, TaskOOM, TaskPaused,
-    TaskResumed, TaskStart,
+    TaskCreate, TaskDelete, TaskExecStarted, TaskExit, TaskIO, TaskOOM, TaskStart,
 };
-use containerd_shim_protos::protobuf::well_known_types::any::Any;
 use containerd_shim_protos::protobuf::well_known_types::timestamp::Timestamp;
-use containerd_shim_protos::protobuf::{Message, MessageDyn, MessageField};
-use containerd_shim_protos::shim_async::Task;
-use containerd_shim_protos::ttrpc::r#async::TtrpcContext;
+use containerd_shim_protos::protobuf::{MessageDyn, MessageField};
 use containerd_shim_protos::ttrpc::{self, Code};
 use containerd_shim_protos::types::task::Status;
 use peapod_agent_protocol as agent_proto;
@@ -51,7 +45,7 @@ use crate::volumes;
 /// How long the guest may take from the VMM's start to the agent answering.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
 /// Deadline of an ordinary agent call.
-const AGENT_TIMEOUT: Duration = Duration::from_secs(60);
+pub(crate) const AGENT_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a process's output may take to drain after it exits.
 const OUTPUT_DRAIN: Duration = Duration::from_secs(10);
 /// The exit status of a process whose VM died under it.
@@ -63,11 +57,11 @@ const TAP_NAME: &str = "peapod0";
 const SANDBOX_ID: &str = "io.kubernetes.cri.sandbox-id";
 const CONTAINER_TYPE: &str = "io.kubernetes.cri.container-type";
 
-fn err(code: Code, msg: impl std::fmt::Display) -> ttrpc::Error {
+pub(crate) fn err(code: Code, msg: impl std::fmt::Display) -> ttrpc::Error {
     ttrpc::Error::RpcStatus(ttrpc::get_status(code, msg.to_string()))
 }
 
-fn agent_err(what: &str, e: ttrpc::Error) -> ttrpc::Error {
+pub(crate) fn agent_err(what: &str, e: ttrpc::Error) -> ttrpc::Error {
     match e {
         ttrpc::Error::RpcStatus(s) => err(
             s.code(),
@@ -80,7 +74,7 @@ fn agent_err(what: &str, e: ttrpc::Error) -> ttrpc::Error {
     }
 }
 
-fn now() -> Timestamp {
+pub(crate) fn now() -> Timestamp {
     let d = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default();
@@ -103,25 +97,25 @@ fn timestamp_from_nanos(n: i64) -> Timestamp {
 }
 
 #[derive(Debug, Clone, PartialEq)]
-struct Exit {
-    status: u32,
-    at: Timestamp,
+pub(crate) struct Exit {
+    pub(crate) status: u32,
+    pub(crate) at: Timestamp,
 }
 
 /// One process: a container's own (exec id "") or an exec.
-struct Process {
-    stdio: StdioPaths,
+pub(crate) struct Process {
+    pub(crate) stdio: StdioPaths,
     /// For an exec: the OCI process (JSON) to start.
-    spec: Option<Vec<u8>>,
+    pub(crate) spec: Option<Vec<u8>>,
     guest_pid: u32,
-    started: bool,
+    pub(crate) started: bool,
     paused: bool,
-    exit: watch::Sender<Option<Exit>>,
-    io: Arc<Mutex<ProcessIo>>,
+    pub(crate) exit: watch::Sender<Option<Exit>>,
+    pub(crate) io: Arc<Mutex<ProcessIo>>,
 }
 
 impl Process {
-    fn new(stdio: StdioPaths, spec: Option<Vec<u8>>) -> Process {
+    pub(crate) fn new(stdio: StdioPaths, spec: Option<Vec<u8>>) -> Process {
         Process {
             stdio,
             spec,
@@ -133,11 +127,11 @@ impl Process {
         }
     }
 
-    fn exited(&self) -> Option<Exit> {
+    pub(crate) fn exited(&self) -> Option<Exit> {
         self.exit.borrow().clone()
     }
 
-    fn status(&self) -> Status {
+    pub(crate) fn status(&self) -> Status {
         match (self.exited(), self.started, self.paused) {
             (Some(_), _, _) => Status::STOPPED,
             (None, false, _) => Status::CREATED,
@@ -148,18 +142,18 @@ impl Process {
 }
 
 /// What a container is, apart from its processes.
-struct ContainerMeta {
-    bundle: String,
-    sandbox: bool,
+pub(crate) struct ContainerMeta {
+    pub(crate) bundle: String,
+    pub(crate) sandbox: bool,
     work_dir: PathBuf,
     /// The images in the VM's slots this container holds (released on delete).
     disks: Vec<PathBuf>,
 }
 
-struct Container {
+pub(crate) struct Container {
     meta: ContainerMeta,
-    main: Process,
-    execs: HashMap<String, Process>,
+    pub(crate) main: Process,
+    pub(crate) execs: HashMap<String, Process>,
 }
 
 /// The VM's disk slots: each image is attached once and shared by reference count
@@ -171,21 +165,21 @@ struct Slots {
     next_serial: u64,
 }
 
-struct Vm {
-    pid: u32,
+pub(crate) struct Vm {
+    pub(crate) pid: u32,
     paths: VmPaths,
-    api: VmmApi,
-    agent: AgentClient,
+    pub(crate) api: VmmApi,
+    pub(crate) agent: AgentClient,
     network: Option<NetworkRecord>,
     /// Set when the VMM process has exited (for whatever reason).
-    gone: watch::Receiver<bool>,
+    pub(crate) gone: watch::Receiver<bool>,
 }
 
 #[derive(Default)]
-struct PodState {
-    vm: Option<Arc<Vm>>,
+pub(crate) struct PodState {
+    pub(crate) vm: Option<Arc<Vm>>,
     pod_dir: Option<PathBuf>,
-    containers: HashMap<String, Container>,
+    pub(crate) containers: HashMap<String, Container>,
     slots: Slots,
     /// Set once the sandbox is being torn down: nothing new may start.
     stopping: bool,
@@ -196,12 +190,12 @@ pub struct Pod {
     namespace: String,
     publisher: RemotePublisher,
     exit: Arc<ExitSignal>,
-    state: Mutex<PodState>,
+    pub(crate) state: Mutex<PodState>,
     cache: Arc<LayerCache>,
 }
 
 #[derive(Clone)]
-pub struct Service(Arc<Pod>);
+pub struct Service(pub(crate) Arc<Pod>);
 
 impl Service {
     pub fn new(
@@ -223,7 +217,7 @@ impl Service {
 }
 
 impl Pod {
-    async fn publish<E: Event + MessageDyn + 'static>(&self, event: E) {
+    pub(crate) async fn publish<E: Event + MessageDyn + 'static>(&self, event: E) {
         let topic = event.topic();
         if let Err(e) = self
             .publisher
@@ -240,7 +234,7 @@ impl Pod {
     }
 
     /// The running VM, or an error naming the task.
-    async fn vm(&self, id: &str) -> ttrpc::Result<Arc<Vm>> {
+    pub(crate) async fn vm(&self, id: &str) -> ttrpc::Result<Arc<Vm>> {
         let st = self.state.lock().await;
         match &st.vm {
             Some(vm) if !*vm.gone.borrow() => Ok(vm.clone()),
@@ -316,10 +310,10 @@ impl Pod {
             paths: &paths,
             tap: tap_fd.as_ref().zip(mac.as_deref()),
         };
-        let mut child = vmm::spawn(&spec_vm).map_err(|e| undo(fail("starting the VMM", &e)))?;
+        let vmm = vmm::spawn(&spec_vm).map_err(|e| undo(fail("starting the VMM", &e)))?;
         // The VMM holds the tap now: ours would keep it alive after the VMM is gone.
         drop(tap_fd);
-        let pid = child.id().unwrap_or(0);
+        let pid = vmm.pid;
         let rec = VmmRecord {
             pid,
             start_time: state::start_time(pid).unwrap_or(0),
@@ -331,12 +325,16 @@ impl Pod {
             size.memory_mib
         );
         let (gone_tx, gone_rx) = watch::channel(false);
+        let (status_tx, status_rx) = watch::channel(None::<String>);
         // Supervise the VMM: if it exits, every task of the pod has exited.
         let pod = self.clone();
         tokio::spawn(async move {
-            let status = child.wait().await;
+            let status = vmm.exited.await.ok().and_then(Result::ok);
+            let _ = status_tx.send(Some(
+                status.map_or_else(|| "unknown status".into(), |s| s.to_string()),
+            ));
             let _ = gone_tx.send(true);
-            pod.vmm_exited(status.ok()).await;
+            pod.vmm_exited(status).await;
         });
         let booted_at = std::time::Instant::now();
         let api = VmmApi::new(paths.api_socket.clone());
@@ -347,6 +345,25 @@ impl Pod {
             agent::connect(&paths.vsock_socket, BOOT_TIMEOUT)
                 .await
                 .map_err(|e| fail("the guest agent", &e))
+        };
+        // A VMM that exits during boot ends the wait at once.
+        let mut status = status_rx.clone();
+        let died = async move {
+            let s = status
+                .wait_for(Option::is_some)
+                .await
+                .ok()
+                .and_then(|s| s.clone());
+            Err(fail(
+                "the VMM exited while the guest booted",
+                &s.unwrap_or_default(),
+            ))
+        };
+        let started = async {
+            tokio::select! {
+                r = started => r,
+                r = died => r,
+            }
         };
         let agent = match started.await {
             Ok(a) => a,
@@ -360,6 +377,7 @@ impl Pod {
             "pod {sandbox_id}: the guest agent answered {:?} after the VMM started",
             booted_at.elapsed()
         );
+        agent::forward_log(&paths.vsock_socket, sandbox_id);
         let vm = Arc::new(Vm {
             pid,
             paths,
@@ -511,7 +529,10 @@ impl Pod {
         st.slots.free.insert(slot);
     }
 
-    async fn create(self: &Arc<Self>, req: api::CreateTaskRequest) -> ttrpc::Result<u32> {
+    pub(crate) async fn create(
+        self: &Arc<Self>,
+        req: api::CreateTaskRequest,
+    ) -> ttrpc::Result<u32> {
         let id = req.id.clone();
         if !req.checkpoint.is_empty() {
             return Err(err(
@@ -727,7 +748,7 @@ impl Pod {
         Ok(vm.pid)
     }
 
-    async fn start(self: &Arc<Self>, id: &str, exec_id: &str) -> ttrpc::Result<u32> {
+    pub(crate) async fn start(self: &Arc<Self>, id: &str, exec_id: &str) -> ttrpc::Result<u32> {
         let vm = self.vm(id).await?;
         let mut st = self.state.lock().await;
         let c = st
@@ -864,7 +885,7 @@ impl Pod {
     }
 
     /// Runs `f` on a process (exec id "": the container's own) and its container.
-    async fn with_process<T>(
+    pub(crate) async fn with_process<T>(
         &self,
         id: &str,
         exec_id: &str,
@@ -888,7 +909,7 @@ impl Pod {
         Ok(f(meta, p))
     }
 
-    async fn delete(
+    pub(crate) async fn delete(
         self: &Arc<Self>,
         id: &str,
         exec_id: &str,
@@ -1022,7 +1043,7 @@ impl Pod {
         }
     }
 
-    async fn shutdown(&self) {
+    pub(crate) async fn shutdown(&self) {
         let st = self.state.lock().await;
         if st.containers.is_empty() {
             self.exit.signal();
@@ -1046,7 +1067,11 @@ pub fn cleanup_pod_dir(pod_dir: &Path) -> std::io::Result<()> {
 }
 
 /// Records a process's exit unless one is recorded already; whether this one was.
-fn set_exit_once(exit: &watch::Sender<Option<Exit>>, status: u32, at: &Timestamp) -> bool {
+pub(crate) fn set_exit_once(
+    exit: &watch::Sender<Option<Exit>>,
+    status: u32,
+    at: &Timestamp,
+) -> bool {
     exit.send_if_modified(|e| {
         if e.is_some() {
             return false;
@@ -1068,7 +1093,7 @@ fn delete_response(pid: u32, exit: &Exit) -> api::DeleteResponse {
     }
 }
 
-fn exec_label(exec_id: &str) -> String {
+pub(crate) fn exec_label(exec_id: &str) -> String {
     if exec_id.is_empty() {
         String::new()
     } else {
@@ -1156,430 +1181,10 @@ fn sandbox_request(
     req
 }
 
-/// containerd's `Any` for the metrics it reads for a v2 cgroup.
-fn metrics_any(s: &agent_proto::StatsResponse) -> ttrpc::Result<Any> {
-    use containerd_shim_protos::cgroups_v2::metrics as m;
-    let mut metrics = m::Metrics::new();
-    if let Some(c) = s.cpu.as_ref() {
-        metrics.cpu = MessageField::some(m::CPUStat {
-            usage_usec: c.usage_usec,
-            user_usec: c.user_usec,
-            system_usec: c.system_usec,
-            nr_periods: c.nr_periods,
-            nr_throttled: c.nr_throttled,
-            throttled_usec: c.throttled_usec,
-            ..Default::default()
-        });
-    }
-    if let Some(mem) = s.memory.as_ref() {
-        metrics.memory = MessageField::some(m::MemoryStat {
-            usage: mem.usage_bytes,
-            usage_limit: mem.limit_bytes,
-            anon: mem.anon_bytes,
-            file: mem.file_bytes,
-            shmem: mem.shmem_bytes,
-            swap_usage: mem.swap_usage_bytes,
-            pgfault: mem.pgfault,
-            pgmajfault: mem.pgmajfault,
-            inactive_file: mem.inactive_file_bytes,
-            ..Default::default()
-        });
-        metrics.memory_events = MessageField::some(m::MemoryEvents {
-            oom: mem.oom_events,
-            oom_kill: mem.oom_kill_events,
-            ..Default::default()
-        });
-    }
-    if let Some(p) = s.pids.as_ref() {
-        metrics.pids = MessageField::some(m::PidsStat {
-            current: p.current,
-            limit: p.limit,
-            ..Default::default()
-        });
-    }
-    if !s.io.is_empty() {
-        metrics.io = MessageField::some(m::IOStat {
-            usage: s
-                .io
-                .iter()
-                .map(|i| m::IOEntry {
-                    major: i.major as u64,
-                    minor: i.minor as u64,
-                    rbytes: i.read_bytes,
-                    wbytes: i.write_bytes,
-                    rios: i.read_ios,
-                    wios: i.write_ios,
-                    ..Default::default()
-                })
-                .collect(),
-            ..Default::default()
-        });
-    }
-    Ok(Any {
-        type_url: "io.containerd.cgroups.v2.Metrics".into(),
-        value: metrics
-            .write_to_bytes()
-            .map_err(|e| err(Code::INTERNAL, e))?,
-        ..Default::default()
-    })
-}
-
-#[async_trait]
-impl Task for Service {
-    async fn create(
-        &self,
-        _ctx: &TtrpcContext,
-        req: api::CreateTaskRequest,
-    ) -> TtrpcResult<api::CreateTaskResponse> {
-        let pid = self.0.create(req).await?;
-        Ok(api::CreateTaskResponse {
-            pid,
-            ..Default::default()
-        })
-    }
-
-    async fn start(
-        &self,
-        _ctx: &TtrpcContext,
-        req: api::StartRequest,
-    ) -> TtrpcResult<api::StartResponse> {
-        let pid = self.0.start(&req.id, &req.exec_id).await?;
-        Ok(api::StartResponse {
-            pid,
-            ..Default::default()
-        })
-    }
-
-    async fn delete(
-        &self,
-        _ctx: &TtrpcContext,
-        req: api::DeleteRequest,
-    ) -> TtrpcResult<api::DeleteResponse> {
-        self.0.delete(&req.id, &req.exec_id).await
-    }
-
-    async fn exec(
-        &self,
-        _ctx: &TtrpcContext,
-        req: api::ExecProcessRequest,
-    ) -> TtrpcResult<api::Empty> {
-        let spec = req
-            .spec
-            .as_ref()
-            .map(|a| a.value.clone())
-            .unwrap_or_default();
-        if serde_json::from_slice::<Value>(&spec).is_err() {
-            return Err(err(
-                Code::INVALID_ARGUMENT,
-                format!(
-                    "exec {} in task {}: its process spec is not JSON",
-                    req.exec_id, req.id
-                ),
-            ));
-        }
-        let stdio = StdioPaths {
-            stdin: req.stdin.clone(),
-            stdout: req.stdout.clone(),
-            stderr: req.stderr.clone(),
-            terminal: req.terminal,
-        };
-        {
-            let mut st = self.0.state.lock().await;
-            let c = st
-                .containers
-                .get_mut(&req.id)
-                .ok_or_else(|| err(Code::NOT_FOUND, format!("task {} not found", req.id)))?;
-            if c.main.exited().is_some() {
-                return Err(err(
-                    Code::FAILED_PRECONDITION,
-                    format!(
-                        "exec {} in task {}: the task has exited",
-                        req.exec_id, req.id
-                    ),
-                ));
-            }
-            if c.execs.contains_key(&req.exec_id) {
-                return Err(err(
-                    Code::ALREADY_EXISTS,
-                    format!("exec {} in task {} already exists", req.exec_id, req.id),
-                ));
-            }
-            c.execs
-                .insert(req.exec_id.clone(), Process::new(stdio, Some(spec)));
-        }
-        self.0
-            .publish(TaskExecAdded {
-                container_id: req.id,
-                exec_id: req.exec_id,
-                ..Default::default()
-            })
-            .await;
-        Ok(api::Empty::new())
-    }
-
-    async fn resize_pty(
-        &self,
-        _ctx: &TtrpcContext,
-        req: api::ResizePtyRequest,
-    ) -> TtrpcResult<api::Empty> {
-        let vm = self.0.vm(&req.id).await?;
-        let areq = agent_proto::ResizeTtyRequest {
-            container_id: req.id.clone(),
-            exec_id: req.exec_id.clone(),
-            rows: req.height,
-            columns: req.width,
-            ..Default::default()
-        };
-        vm.agent
-            .resize_tty(ctx(AGENT_TIMEOUT), &areq)
-            .await
-            .map_err(|e| agent_err(&format!("task {}: ResizePty", req.id), e))?;
-        Ok(api::Empty::new())
-    }
-
-    async fn state(
-        &self,
-        _ctx: &TtrpcContext,
-        req: api::StateRequest,
-    ) -> TtrpcResult<api::StateResponse> {
-        let pid = self.0.state.lock().await.vm.as_ref().map_or(0, |v| v.pid);
-        self.0
-            .with_process(&req.id, &req.exec_id, |c, p| {
-                let exit = p.exited();
-                api::StateResponse {
-                    id: req.id.clone(),
-                    bundle: c.bundle.clone(),
-                    pid,
-                    status: p.status().into(),
-                    stdin: p.stdio.stdin.clone(),
-                    stdout: p.stdio.stdout.clone(),
-                    stderr: p.stdio.stderr.clone(),
-                    terminal: p.stdio.terminal,
-                    exit_status: exit.as_ref().map_or(0, |e| e.status),
-                    exited_at: exit.map(|e| e.at).into(),
-                    exec_id: req.exec_id.clone(),
-                    ..Default::default()
-                }
-            })
-            .await
-    }
-
-    async fn pids(
-        &self,
-        _ctx: &TtrpcContext,
-        req: api::PidsRequest,
-    ) -> TtrpcResult<api::PidsResponse> {
-        let vm = self.0.vm(&req.id).await?;
-        let areq = agent_proto::ContainerRequest {
-            container_id: req.id.clone(),
-            ..Default::default()
-        };
-        let pids = vm
-            .agent
-            .list_pids(ctx(AGENT_TIMEOUT), &areq)
-            .await
-            .map_err(|e| agent_err(&format!("task {}: Pids", req.id), e))?;
-        Ok(api::PidsResponse {
-            processes: pids
-                .pids
-                .into_iter()
-                .map(|pid| containerd_shim_protos::types::task::ProcessInfo {
-                    pid,
-                    ..Default::default()
-                })
-                .collect(),
-            ..Default::default()
-        })
-    }
-
-    async fn pause(&self, _ctx: &TtrpcContext, req: api::PauseRequest) -> TtrpcResult<api::Empty> {
-        self.0.pause_resume(&req.id, true).await?;
-        self.0
-            .publish(TaskPaused {
-                container_id: req.id,
-                ..Default::default()
-            })
-            .await;
-        Ok(api::Empty::new())
-    }
-
-    async fn resume(
-        &self,
-        _ctx: &TtrpcContext,
-        req: api::ResumeRequest,
-    ) -> TtrpcResult<api::Empty> {
-        self.0.pause_resume(&req.id, false).await?;
-        self.0
-            .publish(TaskResumed {
-                container_id: req.id,
-                ..Default::default()
-            })
-            .await;
-        Ok(api::Empty::new())
-    }
-
-    async fn checkpoint(
-        &self,
-        _ctx: &TtrpcContext,
-        req: api::CheckpointTaskRequest,
-    ) -> TtrpcResult<api::Empty> {
-        Err(err(
-            Code::UNIMPLEMENTED,
-            format!("task {}: peapod does not checkpoint VM pods", req.id),
-        ))
-    }
-
-    async fn kill(&self, _ctx: &TtrpcContext, req: api::KillRequest) -> TtrpcResult<api::Empty> {
-        let (started, exited) = self
-            .0
-            .with_process(&req.id, &req.exec_id, |_, p| {
-                (p.started, p.exited().is_some())
-            })
-            .await?;
-        if exited {
-            return Err(err(
-                Code::NOT_FOUND,
-                format!(
-                    "task {}{}: process already finished",
-                    req.id,
-                    exec_label(&req.exec_id)
-                ),
-            ));
-        }
-        if !started && req.exec_id.is_empty() {
-            // Killing a created-not-started container: it never ran, it has exited.
-            let at = now();
-            self.0
-                .with_process(&req.id, "", |_, p| {
-                    set_exit_once(&p.exit, 128 + req.signal, &at)
-                })
-                .await?;
-            return Ok(api::Empty::new());
-        }
-        let vm = self.0.vm(&req.id).await?;
-        let areq = agent_proto::SignalProcessRequest {
-            container_id: req.id.clone(),
-            exec_id: req.exec_id.clone(),
-            signal: req.signal,
-            all: req.all,
-            ..Default::default()
-        };
-        vm.agent
-            .signal_process(ctx(AGENT_TIMEOUT), &areq)
-            .await
-            .map_err(|e| agent_err(&format!("task {}: Kill", req.id), e))?;
-        Ok(api::Empty::new())
-    }
-
-    async fn close_io(
-        &self,
-        _ctx: &TtrpcContext,
-        req: api::CloseIORequest,
-    ) -> TtrpcResult<api::Empty> {
-        if req.stdin {
-            let io = self
-                .0
-                .with_process(&req.id, &req.exec_id, |_, p| p.io.clone())
-                .await?;
-            io.lock().await.close_stdin().await;
-        }
-        Ok(api::Empty::new())
-    }
-
-    async fn update(
-        &self,
-        _ctx: &TtrpcContext,
-        req: api::UpdateTaskRequest,
-    ) -> TtrpcResult<api::Empty> {
-        let vm = self.0.vm(&req.id).await?;
-        let resources = req
-            .resources
-            .as_ref()
-            .map(|a| a.value.clone())
-            .unwrap_or_default();
-        let areq = agent_proto::UpdateContainerRequest {
-            container_id: req.id.clone(),
-            resources,
-            ..Default::default()
-        };
-        vm.agent
-            .update_container(ctx(AGENT_TIMEOUT), &areq)
-            .await
-            .map_err(|e| agent_err(&format!("task {}: Update", req.id), e))?;
-        Ok(api::Empty::new())
-    }
-
-    async fn wait(
-        &self,
-        _ctx: &TtrpcContext,
-        req: api::WaitRequest,
-    ) -> TtrpcResult<api::WaitResponse> {
-        let mut rx = self
-            .0
-            .with_process(&req.id, &req.exec_id, |_, p| p.exit.subscribe())
-            .await?;
-        let exit = rx
-            .wait_for(Option::is_some)
-            .await
-            .map_err(|_| err(Code::NOT_FOUND, format!("task {} was deleted", req.id)))?
-            .clone()
-            .expect("waited for Some");
-        Ok(api::WaitResponse {
-            exit_status: exit.status,
-            exited_at: MessageField::some(exit.at),
-            ..Default::default()
-        })
-    }
-
-    async fn stats(
-        &self,
-        _ctx: &TtrpcContext,
-        req: api::StatsRequest,
-    ) -> TtrpcResult<api::StatsResponse> {
-        let vm = self.0.vm(&req.id).await?;
-        let areq = agent_proto::ContainerRequest {
-            container_id: req.id.clone(),
-            ..Default::default()
-        };
-        let s = vm
-            .agent
-            .stats_container(ctx(AGENT_TIMEOUT), &areq)
-            .await
-            .map_err(|e| agent_err(&format!("task {}: Stats", req.id), e))?;
-        Ok(api::StatsResponse {
-            stats: MessageField::some(metrics_any(&s)?),
-            ..Default::default()
-        })
-    }
-
-    async fn connect(
-        &self,
-        _ctx: &TtrpcContext,
-        _req: api::ConnectRequest,
-    ) -> TtrpcResult<api::ConnectResponse> {
-        let pid = self.0.state.lock().await.vm.as_ref().map_or(0, |v| v.pid);
-        Ok(api::ConnectResponse {
-            shim_pid: std::process::id(),
-            task_pid: pid,
-            version: env!("CARGO_PKG_VERSION").into(),
-            ..Default::default()
-        })
-    }
-
-    async fn shutdown(
-        &self,
-        _ctx: &TtrpcContext,
-        _req: api::ShutdownRequest,
-    ) -> TtrpcResult<api::Empty> {
-        self.0.shutdown().await;
-        Ok(api::Empty::new())
-    }
-}
-
 impl Pod {
     /// Pauses or resumes a container (its cgroup freezes in the guest); for the
     /// sandbox, the whole VM (its vCPUs stop).
-    async fn pause_resume(&self, id: &str, pause: bool) -> ttrpc::Result<()> {
+    pub(crate) async fn pause_resume(&self, id: &str, pause: bool) -> ttrpc::Result<()> {
         let vm = self.vm(id).await?;
         let sandbox = self.with_process(id, "", |c, _| c.sandbox).await?;
         let what = if pause { "Pause" } else { "Resume" };
@@ -1633,23 +1238,5 @@ mod tests {
             network_namespace(&cni, "p1").unwrap(),
             Some(PathBuf::from("/var/run/netns/cni-1"))
         );
-    }
-
-    #[test]
-    fn stats_become_cgroup_v2_metrics() {
-        use containerd_shim_protos::cgroups_v2::metrics::Metrics;
-        let s = agent_proto::StatsResponse {
-            memory: MessageField::some(agent_proto::MemoryStats {
-                usage_bytes: 5 << 20,
-                limit_bytes: 64 << 20,
-                ..Default::default()
-            }),
-            ..Default::default()
-        };
-        let any = metrics_any(&s).unwrap();
-        assert_eq!(any.type_url, "io.containerd.cgroups.v2.Metrics");
-        let m = Metrics::parse_from_bytes(&any.value).unwrap();
-        assert_eq!(m.memory.usage, 5 << 20);
-        assert_eq!(m.memory.usage_limit, 64 << 20);
     }
 }

@@ -679,18 +679,6 @@ mod tests {
     use std::os::unix::fs::{FileTypeExt, PermissionsExt};
     use std::sync::{Arc, Barrier};
 
-    /// Building layers reads trees with files of other owners, device nodes and
-    /// trusted.* xattrs, and mounting images checks them: without root it fails.
-    fn require_root() {
-        // SAFETY: geteuid(2) has no preconditions and cannot fail.
-        let euid = unsafe { libc::geteuid() };
-        assert_eq!(
-            euid, 0,
-            "this test needs root: it makes device nodes, trusted.* xattrs and loop \
-             mounts (run the tests as root)"
-        );
-    }
-
     fn run(program: &str, args: &[&str]) {
         let out = Command::new(program)
             .args(args)
@@ -979,7 +967,7 @@ mod tests {
 
     #[test]
     fn a_layer_is_built_once_and_rebuilt_for_a_new_identity() {
-        require_root();
+        crate::test_util::require_root("it makes device nodes, trusted.* xattrs and loop mounts");
         let tmp = tempfile::tempdir().unwrap();
         let tree = layer_tree(tmp.path(), "layer", "one");
         let cache = LayerCache::new(tmp.path().join("cache"));
@@ -1030,7 +1018,7 @@ mod tests {
 
     #[test]
     fn racing_builders_make_one_image() {
-        require_root();
+        crate::test_util::require_root("it makes device nodes, trusted.* xattrs and loop mounts");
         let tmp = tempfile::tempdir().unwrap();
         let tree = layer_tree(tmp.path(), "layer", "race");
         // Several files, so that the build takes a while.
@@ -1070,7 +1058,7 @@ mod tests {
 
     #[test]
     fn erofs_images_hold_the_tree() {
-        require_root();
+        crate::test_util::require_root("it makes device nodes, trusted.* xattrs and loop mounts");
         assert!(
             have_erofs(),
             "this test needs mkfs.erofs: install erofs-utils"
@@ -1085,7 +1073,7 @@ mod tests {
 
     #[test]
     fn ext4_images_hold_the_tree_and_fit() {
-        require_root();
+        crate::test_util::require_root("it makes device nodes, trusted.* xattrs and loop mounts");
         let tmp = tempfile::tempdir().unwrap();
         let tree = layer_tree(tmp.path(), "layer", "ext4 content");
         // Many small files and a big one: the size estimate must hold both.
@@ -1125,7 +1113,7 @@ mod tests {
 
     #[test]
     fn prepare_an_overlay_snapshot() {
-        require_root();
+        crate::test_util::require_root("it makes device nodes, trusted.* xattrs and loop mounts");
         let tmp = tempfile::tempdir().unwrap();
         let l1 = layer_tree(tmp.path(), "l1", "top");
         let l2 = layer_tree(tmp.path(), "l2", "bottom");
@@ -1178,7 +1166,7 @@ mod tests {
 
     #[test]
     fn prepare_a_bind_mounted_tree_uncached() {
-        require_root();
+        crate::test_util::require_root("it makes device nodes, trusted.* xattrs and loop mounts");
         let tmp = tempfile::tempdir().unwrap();
         let tree = layer_tree(tmp.path(), "rootfs", "native");
         let cache = LayerCache::new(tmp.path().join("cache"));
@@ -1200,7 +1188,7 @@ mod tests {
 
     #[test]
     fn a_failed_prepare_leaves_nothing_in_the_work_dir() {
-        require_root();
+        crate::test_util::require_root("it makes device nodes, trusted.* xattrs and loop mounts");
         let tmp = tempfile::tempdir().unwrap();
         let l1 = layer_tree(tmp.path(), "l1", "top");
         let upper = tmp.path().join("upper");

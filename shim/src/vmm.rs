@@ -3,13 +3,16 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
+use std::process::{Command, ExitStatus};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
-use tokio::process::{Child, Command};
+
+use tokio::sync::oneshot;
 
 use crate::config::{Config, VmSize};
 
@@ -70,9 +73,53 @@ pub struct VmSpec<'a> {
     pub tap: Option<(&'a OwnedFd, &'a str)>,
 }
 
+/// A started VMM: its pid, and its exit status once it has exited.
+pub struct VmmProcess {
+    pub pid: u32,
+    pub exited: oneshot::Receiver<io::Result<ExitStatus>>,
+}
+
 /// Starts the VMM. It dies with the shim (PR_SET_PDEATHSIG), so a crashed shim does
 /// not leave a VM behind; `delete` also kills it by its pid file.
-pub fn spawn(spec: &VmSpec) -> Result<Child, VmmError> {
+///
+/// The kernel sends the death signal when the *thread* that forked the VMM ends, not
+/// the process: so a thread of its own forks it and then waits for it, and lives
+/// exactly as long as the VMM (a tokio thread may end whenever its pool says so).
+pub fn spawn(spec: &VmSpec) -> Result<VmmProcess, VmmError> {
+    let mut cmd = command(spec)?;
+    let (started_tx, started_rx) = std::sync::mpsc::channel();
+    let (exited_tx, exited) = oneshot::channel();
+    std::thread::Builder::new()
+        .name("vmm-waiter".into())
+        .spawn(move || {
+            let mut child = match cmd.spawn() {
+                Ok(c) => c,
+                Err(e) => {
+                    let _ = started_tx.send(Err(e));
+                    return;
+                }
+            };
+            let _ = started_tx.send(Ok(child.id()));
+            // The command holds the log files and the tap: close them in the shim.
+            drop(cmd);
+            let _ = exited_tx.send(child.wait());
+        })
+        .map_err(|source| VmmError::Spawn {
+            path: spec.config.vmm.clone(),
+            source,
+        })?;
+    let pid = started_rx
+        .recv()
+        .unwrap_or_else(|_| Err(io::Error::other("the VMM's waiter thread ended")))
+        .map_err(|source| VmmError::Spawn {
+            path: spec.config.vmm.clone(),
+            source,
+        })?;
+    Ok(VmmProcess { pid, exited })
+}
+
+/// The VMM's command line, stdio and pre-exec set-up.
+fn command(spec: &VmSpec) -> Result<Command, VmmError> {
     let c = spec.config;
     let p = spec.paths;
     let log = std::fs::File::create(&p.log).map_err(|source| VmmError::Spawn {
@@ -116,17 +163,29 @@ pub fn spawn(spec: &VmSpec) -> Result<Child, VmmError> {
             path: p.log.clone(),
             source,
         })?)
-        .stderr(log)
-        .kill_on_drop(false);
+        .stderr(log);
+    // The tap is only borrowed from the caller: the command owns a duplicate, so
+    // that the fd stays valid until the waiter thread has forked.
+    let tap_fd = match tap_fd {
+        Some(fd) => Some(
+            // SAFETY: `fd` is an open descriptor the caller owns for this call.
+            unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) }
+                .try_clone_to_owned()
+                .map_err(|source| VmmError::Spawn {
+                    path: c.vmm.clone(),
+                    source,
+                })?,
+        ),
+        None => None,
+    };
     // SAFETY: the closure runs in the child between fork and exec and calls only
-    // async-signal-safe functions (prctl, dup2, fcntl) on fds the parent keeps open
-    // until spawn returns.
+    // async-signal-safe functions (prctl, dup2, fcntl) on an fd the closure owns.
     unsafe {
         cmd.pre_exec(move || {
             if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
                 return Err(io::Error::last_os_error());
             }
-            if let Some(fd) = tap_fd {
+            if let Some(fd) = tap_fd.as_ref().map(AsRawFd::as_raw_fd) {
                 if fd == TAP_FD {
                     // Already in place: only let it survive exec.
                     let flags = libc::fcntl(fd, libc::F_GETFD);
@@ -138,10 +197,7 @@ pub fn spawn(spec: &VmSpec) -> Result<Child, VmmError> {
             Ok(())
         });
     }
-    cmd.spawn().map_err(|source| VmmError::Spawn {
-        path: c.vmm.clone(),
-        source,
-    })
+    Ok(cmd)
 }
 
 /// The VMM's control API.

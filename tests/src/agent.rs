@@ -388,6 +388,14 @@ pub struct GuestLog {
 /// protection fault ip:41bf19 .. in busybox[401000+184000]".
 pub const PLATFORM_FAULT_MARKS: [&str; 2] = ["segfault at", "general protection fault"];
 
+/// Whether a log line is the guest kernel's report of the host's busybox fault
+/// (docs/platform.md), wherever the line was forwarded to.
+pub fn is_platform_fault(line: &str) -> bool {
+    line.contains("kernel:")
+        && line.contains(" in busybox[")
+        && PLATFORM_FAULT_MARKS.iter().any(|m| line.contains(m))
+}
+
 impl GuestLog {
     /// Connects to the agent's log; the agent must be answering already.
     pub fn attach(uds: &Path) -> io::Result<Self> {
@@ -421,11 +429,7 @@ impl GuestLog {
         let text = self.text.lock().unwrap();
         text[mark.min(text.len())..]
             .lines()
-            .find(|l| {
-                l.contains("kernel:")
-                    && l.contains(" in busybox[")
-                    && PLATFORM_FAULT_MARKS.iter().any(|m| l.contains(m))
-            })
+            .find(|l| is_platform_fault(l))
             .map(str::to_owned)
     }
 }

@@ -16,8 +16,11 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 pub mod agent;
+pub mod containerd;
 pub mod layers;
+pub mod leftovers;
 pub mod netns;
+pub mod oci_image;
 pub mod probe;
 pub mod vsock;
 
@@ -96,6 +99,21 @@ pub fn vmm_binary() -> PathBuf {
     assert!(
         candidate.exists(),
         "{} not found: build it first (cargo build -p peapod-vmm, or make test)",
+        candidate.display()
+    );
+    candidate
+}
+
+/// The containerd shim under test (`containerd-shim-peapod-v2`): `PEAPOD_SHIM`, or
+/// `<repo>/target/release/containerd-shim-peapod-v2`.
+pub fn shim_binary() -> PathBuf {
+    let candidate = match std::env::var_os("PEAPOD_SHIM") {
+        Some(p) => PathBuf::from(p),
+        None => repo_root().join("target/release/containerd-shim-peapod-v2"),
+    };
+    assert!(
+        candidate.exists(),
+        "{} not found: build it first (cargo build --release -p peapod-shim), or set PEAPOD_SHIM to the binary",
         candidate.display()
     );
     candidate

@@ -1,0 +1,222 @@
+//! A container image the shim tests build themselves, with no registry: an OCI
+//! image-layout tarball for `ctr images import`, holding two uncompressed layers.
+//!
+//! - layer 1: Debian's busybox-static as `/bin/busybox`, a link in /bin for every applet
+//!   it lists, the usual mount points, a minimal /etc/passwd and /etc/group;
+//! - layer 2: one file, [`HELLO_PATH`], holding [`HELLO_CONTENT`].
+//!
+//! Entries carry mtime 0 and are written in a fixed order, so the digests are the same
+//! from one build to the next.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde_json::json;
+use sha2::{Digest, Sha256};
+
+use crate::layers::BUSYBOX;
+
+/// The image's name, as containerd lists it after the import.
+pub const IMAGE_REF: &str = "docker.io/peapod/busybox:test";
+/// The file layer 2 adds, and what it holds.
+pub const HELLO_PATH: &str = "/app/hello.txt";
+pub const HELLO_CONTENT: &str = "hello from peapod's second layer\n";
+/// The image config's environment.
+pub const IMAGE_PATH_ENV: &str = "PATH=/bin:/usr/bin";
+
+const LAYER_MEDIA_TYPE: &str = "application/vnd.oci.image.layer.v1.tar";
+const CONFIG_MEDIA_TYPE: &str = "application/vnd.oci.image.config.v1+json";
+const MANIFEST_MEDIA_TYPE: &str = "application/vnd.oci.image.manifest.v1+json";
+const INDEX_MEDIA_TYPE: &str = "application/vnd.oci.image.index.v1+json";
+
+/// Writes the image's OCI-layout tarball into `dir`; returns its path and the image's
+/// name ([`IMAGE_REF`]).
+pub fn busybox_image_tar(dir: &Path) -> (PathBuf, &'static str) {
+    let layers = [busybox_layer(), app_layer()];
+    let mut blobs: Vec<(String, Vec<u8>)> = Vec::new();
+    let mut layer_descs = Vec::new();
+    let mut diff_ids = Vec::new();
+    for layer in layers {
+        let digest = sha256(&layer);
+        // Uncompressed: the diff id is the blob's digest.
+        diff_ids.push(digest.clone());
+        layer_descs.push(json!({
+            "mediaType": LAYER_MEDIA_TYPE,
+            "digest": digest,
+            "size": layer.len(),
+        }));
+        blobs.push((digest, layer));
+    }
+    let config = serde_json::to_vec(&json!({
+        "architecture": oci_arch(),
+        "os": "linux",
+        "config": {
+            "Env": [IMAGE_PATH_ENV],
+            "Cmd": ["sh"],
+            "WorkingDir": "/",
+        },
+        "rootfs": { "type": "layers", "diff_ids": diff_ids },
+        "history": [
+            { "created_by": "peapod-tests: busybox-static and its applets" },
+            { "created_by": format!("peapod-tests: {HELLO_PATH}") },
+        ],
+    }))
+    .unwrap();
+    let config_digest = sha256(&config);
+    let manifest = serde_json::to_vec(&json!({
+        "schemaVersion": 2,
+        "mediaType": MANIFEST_MEDIA_TYPE,
+        "config": {
+            "mediaType": CONFIG_MEDIA_TYPE,
+            "digest": config_digest,
+            "size": config.len(),
+        },
+        "layers": layer_descs,
+    }))
+    .unwrap();
+    let manifest_digest = sha256(&manifest);
+    let tag = IMAGE_REF.rsplit_once(':').unwrap().1;
+    let index = serde_json::to_vec(&json!({
+        "schemaVersion": 2,
+        "mediaType": INDEX_MEDIA_TYPE,
+        "manifests": [{
+            "mediaType": MANIFEST_MEDIA_TYPE,
+            "digest": manifest_digest,
+            "size": manifest.len(),
+            "annotations": {
+                "io.containerd.image.name": IMAGE_REF,
+                "org.opencontainers.image.ref.name": tag,
+            },
+        }],
+    }))
+    .unwrap();
+    blobs.push((config_digest, config));
+    blobs.push((manifest_digest, manifest));
+
+    let mut out = TarWriter::new();
+    out.file("oci-layout", br#"{"imageLayoutVersion":"1.0.0"}"#, 0o644);
+    out.file("index.json", &index, 0o644);
+    out.dir("blobs");
+    out.dir("blobs/sha256");
+    for (digest, data) in &blobs {
+        let hex = digest.strip_prefix("sha256:").unwrap();
+        out.file(&format!("blobs/sha256/{hex}"), data, 0o644);
+    }
+    let path = dir.join("peapod-busybox-oci.tar");
+    std::fs::write(&path, out.finish())
+        .unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
+    (path, IMAGE_REF)
+}
+
+/// The OCI architecture name of this machine.
+fn oci_arch() -> &'static str {
+    match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        other => panic!("no OCI architecture name known for {other}"),
+    }
+}
+
+fn sha256(data: &[u8]) -> String {
+    let d = Sha256::digest(data);
+    let hex: String = d.iter().map(|b| format!("{b:02x}")).collect();
+    format!("sha256:{hex}")
+}
+
+/// The applets the busybox binary lists (`busybox --list`).
+fn applets() -> Vec<String> {
+    let out = Command::new(BUSYBOX)
+        .arg("--list")
+        .output()
+        .unwrap_or_else(|e| panic!("running {BUSYBOX} --list: {e} (install busybox-static)"));
+    assert!(out.status.success(), "{BUSYBOX} --list failed");
+    let mut list: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| l.trim().to_string())
+        .filter(|l| !l.is_empty() && l != "busybox" && !l.contains('/'))
+        .collect();
+    list.sort();
+    list.dedup();
+    list
+}
+
+fn busybox_layer() -> Vec<u8> {
+    let busybox = Path::new(BUSYBOX);
+    assert!(
+        busybox.exists(),
+        "{BUSYBOX} is missing: install busybox-static (.ci/install-deps.sh does)"
+    );
+    let bytes = std::fs::read(busybox).expect("reading /bin/busybox");
+    let mut t = TarWriter::new();
+    for d in ["bin", "dev", "etc", "proc", "root", "sys", "usr", "usr/bin"] {
+        t.dir(d);
+    }
+    t.dir_mode("tmp", 0o1777);
+    t.file("bin/busybox", &bytes, 0o755);
+    for applet in applets() {
+        t.symlink(&format!("bin/{applet}"), "busybox");
+    }
+    t.file(
+        "etc/passwd",
+        b"root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n",
+        0o644,
+    );
+    t.file("etc/group", b"root:x:0:\nnogroup:x:65534:\n", 0o644);
+    t.finish()
+}
+
+fn app_layer() -> Vec<u8> {
+    let mut t = TarWriter::new();
+    let file = HELLO_PATH.trim_start_matches('/');
+    let parent = Path::new(file).parent().unwrap().to_str().unwrap();
+    t.dir(parent);
+    t.file(file, HELLO_CONTENT.as_bytes(), 0o644);
+    t.finish()
+}
+
+/// A tar archive in memory: root-owned entries, mtime 0.
+struct TarWriter(tar::Builder<Vec<u8>>);
+
+impl TarWriter {
+    fn new() -> Self {
+        let mut b = tar::Builder::new(Vec::new());
+        b.mode(tar::HeaderMode::Deterministic);
+        Self(b)
+    }
+
+    fn header(kind: tar::EntryType, mode: u32, size: u64) -> tar::Header {
+        let mut h = tar::Header::new_ustar();
+        h.set_entry_type(kind);
+        h.set_mode(mode);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(0);
+        h.set_size(size);
+        h
+    }
+
+    fn dir(&mut self, path: &str) {
+        self.dir_mode(path, 0o755);
+    }
+
+    fn dir_mode(&mut self, path: &str, mode: u32) {
+        let mut h = Self::header(tar::EntryType::Directory, mode, 0);
+        self.0
+            .append_data(&mut h, format!("{path}/"), std::io::empty())
+            .unwrap();
+    }
+
+    fn file(&mut self, path: &str, data: &[u8], mode: u32) {
+        let mut h = Self::header(tar::EntryType::Regular, mode, data.len() as u64);
+        self.0.append_data(&mut h, path, data).unwrap();
+    }
+
+    fn symlink(&mut self, path: &str, target: &str) {
+        let mut h = Self::header(tar::EntryType::Symlink, 0o777, 0);
+        self.0.append_link(&mut h, path, target).unwrap();
+    }
+
+    fn finish(self) -> Vec<u8> {
+        self.0.into_inner().unwrap()
+    }
+}
