@@ -195,3 +195,40 @@ async fn spawn_server(
     .map_err(other)?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `delete` after a crash: the bundle's record leads to the container's and the
+    /// pod's files, which go; a second run (containerd retries) finds nothing to do.
+    #[test]
+    fn delete_cleans_up_from_the_bundle_alone_and_twice() {
+        let dir = tempfile::tempdir().unwrap();
+        let bundle = dir.path().join("bundle");
+        let pod_dir = dir.path().join("pods/ns-p1");
+        let work_dir = pod_dir.join("containers/p1");
+        std::fs::create_dir_all(&bundle).unwrap();
+        std::fs::create_dir_all(&work_dir).unwrap();
+        std::fs::write(work_dir.join("upper.ext4"), b"x").unwrap();
+        // A VMM record whose pid is not that process any more: left alone.
+        let me = std::process::id();
+        let rec = state::VmmRecord {
+            pid: me,
+            start_time: state::start_time(me).unwrap() + 1,
+        };
+        state::write_json(&pod_dir.join("vmm.pid"), &rec).unwrap();
+        let task = TaskRecord {
+            pod_dir: pod_dir.clone(),
+            work_dir: work_dir.clone(),
+            sandbox: true,
+        };
+        state::write_json(&bundle.join(state::BUNDLE_FILE), &task).unwrap();
+
+        cleanup_from_bundle(&bundle).unwrap();
+        assert!(!pod_dir.exists(), "the pod's directory is left");
+        assert!(!bundle.join(state::BUNDLE_FILE).exists());
+        assert!(bundle.exists(), "the bundle is containerd's to remove");
+        cleanup_from_bundle(&bundle).unwrap();
+    }
+}
