@@ -43,7 +43,7 @@ pub enum ContainerError {
     Exists(String),
     #[error("container {id}: exec {exec_id}: no such process")]
     NoExec { id: String, exec_id: String },
-    #[error("container {id}: exec {exec_id}: already exists")]
+    #[error("container {id}: exec {exec_id}: already exists and has not exited")]
     ExecExists { id: String, exec_id: String },
     #[error("container {id}: invalid id {id:?}: use letters, digits, '-', '_' and '.', at most 64, not starting with '.'")]
     BadId { id: String },
@@ -221,7 +221,12 @@ impl Container {
         if !self.init.is_running() {
             return Err(ContainerError::NotRunning(id.clone()));
         }
-        if lock(&self.execs).contains_key(exec_id) {
+        // containerd frees an exec's id when it deletes the exec, which the agent does
+        // not hear of: an id whose process has exited may be used again.
+        if lock(&self.execs)
+            .get(exec_id)
+            .is_some_and(|p| p.exit_info().is_none())
+        {
             return Err(ContainerError::ExecExists {
                 id: id.clone(),
                 exec_id: exec_id.into(),
