@@ -180,6 +180,8 @@ pub(crate) struct PodState {
     pub(crate) vm: Option<Arc<Vm>>,
     pod_dir: Option<PathBuf>,
     pub(crate) containers: HashMap<String, Container>,
+    /// Tasks between Create's start and end (their ids are taken).
+    creating: std::collections::HashSet<String>,
     slots: Slots,
     /// Set once the sandbox is being torn down: nothing new may start.
     stopping: bool,
@@ -475,13 +477,8 @@ impl Pod {
     }
 
     /// Attaches an image to a slot (or takes another reference to it); its serial.
-    async fn attach_disk(
-        &self,
-        st: &mut PodState,
-        vm: &Vm,
-        path: &Path,
-        read_only: bool,
-    ) -> ttrpc::Result<String> {
+    async fn attach_disk(&self, vm: &Vm, path: &Path, read_only: bool) -> ttrpc::Result<String> {
+        let mut st = self.state.lock().await;
         if let Some((_, serial, refs)) = st.slots.attached.get_mut(path) {
             *refs += 1;
             return Ok(serial.clone());
@@ -552,163 +549,76 @@ impl Pod {
             })?;
         let (sandbox_id, is_sandbox) = pod_identity(&id, &spec);
 
-        let mut st = self.state.lock().await;
-        if st.containers.contains_key(&id) {
-            return Err(err(
-                Code::ALREADY_EXISTS,
-                format!("task {id} already exists"),
-            ));
-        }
-        if st.stopping {
-            return Err(err(
-                Code::FAILED_PRECONDITION,
-                format!("task {id}: the pod {sandbox_id} is being removed"),
-            ));
-        }
-        let vm = match &st.vm {
-            Some(vm) => {
-                if *vm.gone.borrow() {
+        let (vm, pod_dir) = {
+            let mut st = self.state.lock().await;
+            if st.containers.contains_key(&id) || st.creating.contains(&id) {
+                return Err(err(
+                    Code::ALREADY_EXISTS,
+                    format!("task {id} already exists"),
+                ));
+            }
+            if st.stopping {
+                return Err(err(
+                    Code::FAILED_PRECONDITION,
+                    format!("task {id}: the pod {sandbox_id} is being removed"),
+                ));
+            }
+            let vm = match &st.vm {
+                Some(vm) if *vm.gone.borrow() => {
                     return Err(err(
                         Code::FAILED_PRECONDITION,
                         format!("task {id}: the VM of pod {sandbox_id} has exited"),
                     ));
                 }
-                vm.clone()
-            }
-            None => {
-                let vm = self.boot(&sandbox_id, &spec).await?;
-                st.slots.free = (0..self.config.block_slots).collect();
-                st.pod_dir = Some(state::pod_dir(
-                    &self.config.state_dir,
-                    &self.namespace,
-                    &sandbox_id,
-                ));
-                st.vm = Some(vm.clone());
-                vm
-            }
+                Some(vm) => vm.clone(),
+                // The first container boots the VM; nothing else of the pod exists
+                // yet, so holding the lock meanwhile holds nobody up.
+                None => {
+                    let vm = self.boot(&sandbox_id, &spec).await?;
+                    st.slots.free = (0..self.config.block_slots).collect();
+                    st.pod_dir = Some(state::pod_dir(
+                        &self.config.state_dir,
+                        &self.namespace,
+                        &sandbox_id,
+                    ));
+                    st.vm = Some(vm.clone());
+                    vm
+                }
+            };
+            st.creating.insert(id.clone());
+            (
+                vm,
+                st.pod_dir.clone().expect("a booted pod has a directory"),
+            )
         };
-        let pod_dir = st.pod_dir.clone().expect("a booted pod has a directory");
+        // From here on the pod's lock is taken only briefly: the images and the
+        // guest's work take seconds, and containerd asks about other tasks meanwhile.
         let work_dir = pod_dir.join("containers").join(&id);
-        let record = TaskRecord {
-            pod_dir: pod_dir.clone(),
-            work_dir: work_dir.clone(),
-            sandbox: is_sandbox,
+        let stdio = StdioPaths {
+            stdin: req.stdin.clone(),
+            stdout: req.stdout.clone(),
+            stderr: req.stderr.clone(),
+            terminal: req.terminal,
         };
-        state::write_json(&Path::new(&req.bundle).join(state::BUNDLE_FILE), &record).map_err(
-            |e| {
-                err(
-                    Code::INTERNAL,
-                    format!("task {id}: writing its record: {e}"),
-                )
-            },
-        )?;
-
-        // The rootfs: images of the layers, a fresh upper.
-        let mounts: Vec<RootfsMount> = req
-            .rootfs
-            .iter()
-            .map(|m| RootfsMount {
-                kind: m.type_.clone(),
-                source: m.source.clone(),
-                options: m.options.clone(),
-            })
-            .collect();
-        let cache = self.cache.clone();
-        let wd = work_dir.clone();
-        let upper_bytes = self.config.upper_size_mib << 20;
-        let prepared = tokio::task::spawn_blocking(move || {
-            std::fs::create_dir_all(&wd).map_err(|e| e.to_string())?;
-            rootfs::prepare(&cache, &mounts, &wd, upper_bytes).map_err(|e| e.to_string())
-        })
-        .await
-        .map_err(|e| e.to_string())
-        .and_then(|r| r)
-        .map_err(|e| {
-            let _ = state::remove_dir(&work_dir);
-            err(Code::INVALID_ARGUMENT, format!("task {id}: rootfs: {e}"))
-        })?;
-
-        log::info!(
-            "task {id}: rootfs ready ({} layers, {} of them private to it)",
-            prepared.layers.len(),
-            prepared.layers.iter().filter(|l| !l.cached).count()
-        );
         let mut disks = Vec::new();
-        let attached = async {
-            let mut layers = Vec::new();
-            for l in &prepared.layers {
-                let serial = self.attach_disk(&mut st, &vm, &l.path, true).await?;
-                disks.push(l.path.clone());
-                layers.push(agent_proto::Disk {
-                    serial,
-                    fstype: l.fstype.to_string(),
-                    ..Default::default()
-                });
-            }
-            let serial = self
-                .attach_disk(&mut st, &vm, &prepared.upper, false)
-                .await?;
-            disks.push(prepared.upper.clone());
-            let rootfs = agent_proto::Rootfs {
-                layers,
-                upper: Some(agent_proto::rootfs::Upper::UpperDisk(agent_proto::Disk {
-                    serial,
-                    fstype: "ext4".into(),
-                    ..Default::default()
-                })),
-                ..Default::default()
-            };
-            // Host files the spec binds: copied into the guest.
-            let copies =
-                volumes::plan(&mut spec, &id).map_err(|e| err(Code::INVALID_ARGUMENT, e))?;
-            for c in &copies {
-                volumes::copy_in(&vm.agent, &id, c)
-                    .await
-                    .map_err(|e| err(Code::INTERNAL, e))?;
-            }
-            let stdio = StdioPaths {
-                stdin: req.stdin.clone(),
-                stdout: req.stdout.clone(),
-                stderr: req.stderr.clone(),
-                terminal: req.terminal,
-            };
-            let areq = agent_proto::CreateContainerRequest {
-                container_id: id.clone(),
-                oci_spec: serde_json::to_vec(&spec).unwrap_or_default(),
-                rootfs: MessageField::some(rootfs),
-                stdio: MessageField::some(stdio.wanted()),
-                sandbox: is_sandbox,
-                ..Default::default()
-            };
-            vm.agent
-                .create_container(ctx(AGENT_TIMEOUT), &areq)
-                .await
-                .map_err(|e| agent_err(&format!("task {id}: CreateContainer"), e))?;
-            // The output waits in the guest until attached; attach before Start.
-            let io = ProcessIo::attach(&vm.paths.vsock_socket, &id, "", &stdio)
-                .await
-                .map_err(|e| err(Code::INTERNAL, format!("task {id}: stdio: {e}")));
-            if let Err(e) = io {
-                let rreq = agent_proto::RemoveContainerRequest {
-                    container_id: id.clone(),
-                    ..Default::default()
-                };
-                let _ = vm.agent.remove_container(ctx(AGENT_TIMEOUT), &rreq).await;
-                return Err(e);
-            }
-            Ok((stdio, io.unwrap()))
-        }
-        .await;
-        let (stdio, io) = match attached {
-            Ok(x) => x,
+        let made = self
+            .make_container(
+                &req, &vm, &mut spec, is_sandbox, &work_dir, &stdio, &mut disks,
+            )
+            .await;
+        let mut st = self.state.lock().await;
+        st.creating.remove(&id);
+        let io = match made {
+            Ok(io) => io,
             Err(e) => {
                 for d in &disks {
                     self.release_disk(&mut st, Some(&vm), d).await;
                 }
                 let _ = state::remove_dir(&work_dir);
                 let _ = std::fs::remove_file(Path::new(&req.bundle).join(state::BUNDLE_FILE));
+                let last = st.containers.is_empty() && st.creating.is_empty();
                 drop(st);
-                if st_is_empty(self).await && is_sandbox {
+                if last {
                     self.teardown_vm().await;
                 }
                 return Err(e);
@@ -746,6 +656,120 @@ impl Pod {
         })
         .await;
         Ok(vm.pid)
+    }
+
+    /// The container in the guest: its record in the bundle, its rootfs as disks
+    /// (each attached one is pushed to `disks`, for the caller to release on
+    /// failure), its volumes copied in, CreateContainer, and its stdio attached.
+    #[allow(clippy::too_many_arguments)]
+    async fn make_container(
+        &self,
+        req: &api::CreateTaskRequest,
+        vm: &Vm,
+        spec: &mut Value,
+        is_sandbox: bool,
+        work_dir: &Path,
+        stdio: &StdioPaths,
+        disks: &mut Vec<PathBuf>,
+    ) -> ttrpc::Result<ProcessIo> {
+        let id = &req.id;
+        let record = TaskRecord {
+            pod_dir: work_dir
+                .parent()
+                .and_then(Path::parent)
+                .expect("a container's directory is in its pod's")
+                .to_path_buf(),
+            work_dir: work_dir.to_path_buf(),
+            sandbox: is_sandbox,
+        };
+        state::write_json(&Path::new(&req.bundle).join(state::BUNDLE_FILE), &record).map_err(
+            |e| {
+                err(
+                    Code::INTERNAL,
+                    format!("task {id}: writing its record: {e}"),
+                )
+            },
+        )?;
+
+        // The rootfs: images of the layers, a fresh upper.
+        let mounts: Vec<RootfsMount> = req
+            .rootfs
+            .iter()
+            .map(|m| RootfsMount {
+                kind: m.type_.clone(),
+                source: m.source.clone(),
+                options: m.options.clone(),
+            })
+            .collect();
+        let cache = self.cache.clone();
+        let wd = work_dir.to_path_buf();
+        let upper_bytes = self.config.upper_size_mib << 20;
+        let prepared = tokio::task::spawn_blocking(move || {
+            std::fs::create_dir_all(&wd).map_err(|e| e.to_string())?;
+            rootfs::prepare(&cache, &mounts, &wd, upper_bytes).map_err(|e| e.to_string())
+        })
+        .await
+        .map_err(|e| e.to_string())
+        .and_then(|r| r)
+        .map_err(|e| err(Code::INVALID_ARGUMENT, format!("task {id}: rootfs: {e}")))?;
+        log::info!(
+            "task {id}: rootfs ready ({} layers, {} of them private to it)",
+            prepared.layers.len(),
+            prepared.layers.iter().filter(|l| !l.cached).count()
+        );
+
+        let mut layers = Vec::new();
+        for l in &prepared.layers {
+            let serial = self.attach_disk(vm, &l.path, true).await?;
+            disks.push(l.path.clone());
+            layers.push(agent_proto::Disk {
+                serial,
+                fstype: l.fstype.to_string(),
+                ..Default::default()
+            });
+        }
+        let serial = self.attach_disk(vm, &prepared.upper, false).await?;
+        disks.push(prepared.upper.clone());
+        let rootfs = agent_proto::Rootfs {
+            layers,
+            upper: Some(agent_proto::rootfs::Upper::UpperDisk(agent_proto::Disk {
+                serial,
+                fstype: "ext4".into(),
+                ..Default::default()
+            })),
+            ..Default::default()
+        };
+        // Host files the spec binds: copied into the guest.
+        let copies = volumes::plan(spec, id).map_err(|e| err(Code::INVALID_ARGUMENT, e))?;
+        for c in &copies {
+            volumes::copy_in(&vm.agent, id, c)
+                .await
+                .map_err(|e| err(Code::INTERNAL, e))?;
+        }
+        let areq = agent_proto::CreateContainerRequest {
+            container_id: id.clone(),
+            oci_spec: serde_json::to_vec(&spec).unwrap_or_default(),
+            rootfs: MessageField::some(rootfs),
+            stdio: MessageField::some(stdio.wanted()),
+            sandbox: is_sandbox,
+            ..Default::default()
+        };
+        vm.agent
+            .create_container(ctx(AGENT_TIMEOUT), &areq)
+            .await
+            .map_err(|e| agent_err(&format!("task {id}: CreateContainer"), e))?;
+        // The output waits in the guest until attached; attach before Start.
+        match ProcessIo::attach(&vm.paths.vsock_socket, id, "", stdio).await {
+            Ok(io) => Ok(io),
+            Err(e) => {
+                let rreq = agent_proto::RemoveContainerRequest {
+                    container_id: id.clone(),
+                    ..Default::default()
+                };
+                let _ = vm.agent.remove_container(ctx(AGENT_TIMEOUT), &rreq).await;
+                Err(err(Code::INTERNAL, format!("task {id}: stdio: {e}")))
+            }
+        }
     }
 
     pub(crate) async fn start(self: &Arc<Self>, id: &str, exec_id: &str) -> ttrpc::Result<u32> {
@@ -963,7 +987,13 @@ impl Pod {
             }
         };
         if c.meta.sandbox {
-            let others: Vec<_> = st.containers.keys().filter(|k| *k != id).cloned().collect();
+            let others: Vec<_> = st
+                .containers
+                .keys()
+                .filter(|k| *k != id)
+                .chain(st.creating.iter())
+                .cloned()
+                .collect();
             if !others.is_empty() {
                 return Err(err(
                     Code::FAILED_PRECONDITION,
@@ -991,7 +1021,7 @@ impl Pod {
             log::warn!("task {id}: removing {}: {e}", c.meta.work_dir.display());
         }
         let _ = std::fs::remove_file(Path::new(&c.meta.bundle).join(state::BUNDLE_FILE));
-        let last = st.containers.is_empty();
+        let last = st.containers.is_empty() && st.creating.is_empty();
         drop(st);
         drop(c);
         if last {
@@ -1043,16 +1073,17 @@ impl Pod {
         }
     }
 
-    pub(crate) async fn shutdown(&self) {
+    /// containerd's Shutdown: the shim exits once no task is left (after ending a VM
+    /// that a failed Create may have left running).
+    pub(crate) async fn shutdown(self: &Arc<Self>) {
         let st = self.state.lock().await;
-        if st.containers.is_empty() {
-            self.exit.signal();
+        if !(st.containers.is_empty() && st.creating.is_empty()) {
+            return;
         }
+        drop(st);
+        self.teardown_vm().await;
+        self.exit.signal();
     }
-}
-
-async fn st_is_empty(pod: &Pod) -> bool {
-    pod.state.lock().await.containers.is_empty()
 }
 
 /// Everything of a pod on the host, from its directory alone: the VMM, the tap and
