@@ -260,17 +260,21 @@ impl fmt::Display for Mac<'_> {
     }
 }
 
+/// Turns a netlink step's `(error, hint)` in `netns` into [`NetworkError::Failed`]
+/// naming the step (`what`).
+fn failed(netns: &Path, what: String) -> impl FnOnce((io::Error, String)) -> NetworkError {
+    let netns = netns.to_path_buf();
+    move |(source, hint)| NetworkError::Failed {
+        netns,
+        what,
+        source,
+        hint,
+    }
+}
+
 /// [`PodNetwork::attach`], on a thread inside the namespace.
 fn attach_here(netns: &Path, tap_name: &str) -> Result<PodNetwork, NetworkError> {
-    let fail = |what: String| {
-        let netns = netns.to_path_buf();
-        move |(source, hint): (io::Error, String)| NetworkError::Failed {
-            netns,
-            what,
-            source,
-            hint,
-        }
-    };
+    let fail = |what: String| failed(netns, what);
     let mut rtnl =
         Rtnl::open().map_err(|e| fail("opening a netlink socket".into())((e, "".into())))?;
     let links = rtnl
@@ -398,15 +402,7 @@ fn attach_here(netns: &Path, tap_name: &str) -> Result<PodNetwork, NetworkError>
 
 /// [`detach`], on a thread inside the namespace.
 fn detach_here(netns: &Path, veth: &str, tap_name: &str) -> Result<(), NetworkError> {
-    let fail = |what: String| {
-        let netns = netns.to_path_buf();
-        move |(source, hint): (io::Error, String)| NetworkError::Failed {
-            netns,
-            what,
-            source,
-            hint,
-        }
-    };
+    let fail = |what: String| failed(netns, what);
     let mut rtnl =
         Rtnl::open().map_err(|e| fail("opening a netlink socket".into())((e, "".into())))?;
     let links = rtnl

@@ -131,6 +131,22 @@ impl Process {
         self.exit.borrow().clone()
     }
 
+    /// The exit a Delete reports: the recorded one, or 0 now for a process that
+    /// never started; a running process (`what`) cannot be deleted.
+    fn exit_for_delete(&self, what: &str) -> ttrpc::Result<Exit> {
+        match (self.started, self.exited()) {
+            (_, Some(e)) => Ok(e),
+            (false, None) => Ok(Exit {
+                status: 0,
+                at: now(),
+            }),
+            (true, None) => Err(err(
+                Code::FAILED_PRECONDITION,
+                format!("{what} is still running (kill it first)"),
+            )),
+        }
+    }
+
     pub(crate) fn status(&self) -> Status {
         match (self.exited(), self.started, self.paused) {
             (Some(_), _, _) => Status::STOPPED,
@@ -952,19 +968,7 @@ impl Pod {
                     format!("exec {exec_id} of task {id} not found"),
                 )
             })?;
-            let exit = match (p.started, p.exited()) {
-                (_, Some(e)) => e,
-                (false, None) => Exit {
-                    status: 0,
-                    at: now(),
-                },
-                (true, None) => {
-                    return Err(err(
-                        Code::FAILED_PRECONDITION,
-                        format!("exec {exec_id} of task {id} is still running (kill it first)"),
-                    ))
-                }
-            };
+            let exit = p.exit_for_delete(&format!("exec {exec_id} of task {id}"))?;
             c.execs.remove(exec_id);
             return Ok(delete_response(pid, &exit));
         }
@@ -973,19 +977,7 @@ impl Pod {
             .containers
             .get(id)
             .ok_or_else(|| err(Code::NOT_FOUND, format!("task {id} not found")))?;
-        let exit = match (c.main.started, c.main.exited()) {
-            (_, Some(e)) => e,
-            (false, None) => Exit {
-                status: 0,
-                at: now(),
-            },
-            (true, None) => {
-                return Err(err(
-                    Code::FAILED_PRECONDITION,
-                    format!("task {id} is still running (kill it first)"),
-                ))
-            }
-        };
+        let exit = c.main.exit_for_delete(&format!("task {id}"))?;
         if c.meta.sandbox {
             let others: Vec<_> = st
                 .containers
