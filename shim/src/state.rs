@@ -108,13 +108,47 @@ pub fn remove_dir(path: &Path) -> io::Result<()> {
     }
 }
 
+/// How much of the sandbox id a pod directory's name shows (as `crictl pods` does).
+const POD_DIR_ID_CHARS: usize = 12;
+
+/// The pod's directory: `<state_dir>/<first 12 characters of the sandbox id>-<hash>`,
+/// the hash (16 hex digits of SHA-256) over the namespace and the whole id. The name is
+/// short on purpose: the VMM's vsock socket lives in it, and a unix socket path holds
+/// at most 107 bytes, including the `_<port>` suffix of guest-to-host connections. CRI's
+/// 64-character sandbox ids in `<namespace>-<id>` did not fit.
 pub fn pod_dir(state_dir: &Path, namespace: &str, sandbox_id: &str) -> PathBuf {
-    state_dir.join(format!("{namespace}-{sandbox_id}"))
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest(format!("{namespace}/{sandbox_id}"));
+    let hash: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
+    let shown: String = sandbox_id.chars().take(POD_DIR_ID_CHARS).collect();
+    state_dir.join(format!("{shown}-{hash}"))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pod_dirs_are_short_and_distinct() {
+        let state = Path::new("/run/peapod/pods");
+        let id = "db5da90ded3dead3366bfb8fc51f7b61f738a801388f813f1022dc1cd9f0ec1b";
+        let dir = pod_dir(state, "k8s.io", id);
+        let name = dir.file_name().unwrap().to_str().unwrap();
+        assert!(name.starts_with("db5da90ded3d-"), "{name}");
+        assert_eq!(name.len(), POD_DIR_ID_CHARS + 1 + 16);
+        // The vsock socket and a guest-to-host port's socket fit in sockaddr_un.
+        let longest = dir.join("vsock.sock_4294967295");
+        assert!(longest.as_os_str().len() <= 107, "{}", longest.display());
+        assert_eq!(dir, pod_dir(state, "k8s.io", id), "the same pod, the same dir");
+        assert_ne!(dir, pod_dir(state, "other", id), "namespaces keep pods apart");
+        let same_prefix = format!("{}0", &id[..63]);
+        assert_ne!(dir, pod_dir(state, "k8s.io", &same_prefix));
+        assert_eq!(
+            pod_dir(state, "ns", "p1").file_name().unwrap().len(),
+            2 + 1 + 16,
+            "a short id is shown whole"
+        );
+    }
 
     #[test]
     fn records_round_trip_and_missing_is_none() {
