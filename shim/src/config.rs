@@ -60,6 +60,12 @@ pub struct Config {
     pub guest_console: bool,
     /// Words appended to the guest kernel's command line.
     pub kernel_cmdline: String,
+    /// How long the guest may take from the VMM's start to its agent answering.
+    pub boot_timeout_secs: u64,
+    /// The deadline of an ordinary call to the guest agent (create, start, exec...).
+    /// Raise both on hosts whose KVM emulates guest kernel code, where a container's
+    /// creation takes tens of seconds.
+    pub agent_timeout_secs: u64,
 }
 
 impl Default for Config {
@@ -79,11 +85,23 @@ impl Default for Config {
             log_level: "info".into(),
             guest_console: false,
             kernel_cmdline: String::new(),
+            boot_timeout_secs: 120,
+            agent_timeout_secs: 60,
         }
     }
 }
 
 impl Config {
+    /// [`Config::boot_timeout_secs`] as a duration.
+    pub fn boot_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.boot_timeout_secs)
+    }
+
+    /// [`Config::agent_timeout_secs`] as a duration.
+    pub fn agent_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.agent_timeout_secs)
+    }
+
     /// Reads the configuration: `explicit` (the runtime options' `config_path`), else
     /// `$PEAPOD_CONFIG`, else [`DEFAULT_CONFIG`] if it exists, else the defaults.
     pub fn load(explicit: Option<&Path>) -> Result<Config, ConfigError> {
@@ -126,6 +144,11 @@ impl Config {
                 "default_memory_mib = {}: the guest needs at least 64",
                 config.default_memory_mib
             )));
+        }
+        if config.boot_timeout_secs == 0 || config.agent_timeout_secs == 0 {
+            return Err(invalid(
+                "boot_timeout_secs and agent_timeout_secs must be at least 1".into(),
+            ));
         }
         if config.vmm.is_relative() {
             config.vmm = resolve_beside_self(&config.vmm);

@@ -42,10 +42,6 @@ use crate::stdio::{ProcessIo, StdioPaths};
 use crate::vmm::{self, VmPaths, VmmApi};
 use crate::volumes;
 
-/// How long the guest may take from the VMM's start to the agent answering.
-const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
-/// Deadline of an ordinary agent call.
-pub(crate) const AGENT_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a process's output may take to drain after it exits.
 const OUTPUT_DRAIN: Duration = Duration::from_secs(10);
 /// The exit status of a process whose VM died under it.
@@ -235,6 +231,11 @@ impl Service {
 }
 
 impl Pod {
+    /// The context of an ordinary agent call: the configured deadline.
+    pub(crate) fn agent_ctx(&self) -> ttrpc::context::Context {
+        ctx(self.config.agent_timeout())
+    }
+
     pub(crate) async fn publish<E: Event + MessageDyn + 'static>(&self, event: E) {
         let topic = event.topic();
         if let Err(e) = self
@@ -360,7 +361,7 @@ impl Pod {
             api.wait_ready(Duration::from_secs(10))
                 .await
                 .map_err(|e| fail("the VMM API", &e))?;
-            agent::connect(&paths.vsock_socket, BOOT_TIMEOUT)
+            agent::connect(&paths.vsock_socket, self.config.boot_timeout())
                 .await
                 .map_err(|e| fail("the guest agent", &e))
         };
@@ -409,7 +410,7 @@ impl Pod {
             gone: gone_rx,
         });
         let req = sandbox_request(sandbox_id, spec, network.as_ref());
-        if let Err(e) = vm.agent.create_sandbox(ctx(AGENT_TIMEOUT), &req).await {
+        if let Err(e) = vm.agent.create_sandbox(self.agent_ctx(), &req).await {
             let _ = state::kill_vmm(&pod_dir);
             return Err(undo(agent_err(
                 &format!("pod {sandbox_id}: CreateSandbox"),
@@ -771,7 +772,7 @@ impl Pod {
             ..Default::default()
         };
         vm.agent
-            .create_container(ctx(AGENT_TIMEOUT), &areq)
+            .create_container(self.agent_ctx(), &areq)
             .await
             .map_err(|e| agent_err(&format!("task {id}: CreateContainer"), e))?;
         // The output waits in the guest until attached; attach before Start.
@@ -782,7 +783,7 @@ impl Pod {
                     container_id: id.clone(),
                     ..Default::default()
                 };
-                let _ = vm.agent.remove_container(ctx(AGENT_TIMEOUT), &rreq).await;
+                let _ = vm.agent.remove_container(self.agent_ctx(), &rreq).await;
                 Err(err(Code::INTERNAL, format!("task {id}: stdio: {e}")))
             }
         }
@@ -817,7 +818,7 @@ impl Pod {
                 ..Default::default()
             };
             vm.agent
-                .start_container(ctx(AGENT_TIMEOUT), &req)
+                .start_container(self.agent_ctx(), &req)
                 .await
                 .map_err(|e| agent_err(&format!("task {id}: StartContainer"), e))?
                 .pid
@@ -831,7 +832,7 @@ impl Pod {
             };
             let pid = vm
                 .agent
-                .exec_process(ctx(AGENT_TIMEOUT), &req)
+                .exec_process(self.agent_ctx(), &req)
                 .await
                 .map_err(|e| agent_err(&format!("exec {exec_id} in task {id}"), e))?
                 .pid;
@@ -844,7 +845,7 @@ impl Pod {
                         signal: libc::SIGKILL as u32,
                         ..Default::default()
                     };
-                    let _ = vm.agent.signal_process(ctx(AGENT_TIMEOUT), &kill).await;
+                    let _ = vm.agent.signal_process(self.agent_ctx(), &kill).await;
                     return Err(err(
                         Code::INTERNAL,
                         format!("exec {exec_id} in task {id}: stdio: {e}"),
@@ -1002,7 +1003,7 @@ impl Pod {
                 container_id: id.into(),
                 ..Default::default()
             };
-            if let Err(e) = vm.agent.remove_container(ctx(AGENT_TIMEOUT), &req).await {
+            if let Err(e) = vm.agent.remove_container(self.agent_ctx(), &req).await {
                 log::warn!("task {id}: RemoveContainer: {e}");
             }
         }
@@ -1224,9 +1225,9 @@ impl Pod {
                 ..Default::default()
             };
             let r = if pause {
-                vm.agent.pause_container(ctx(AGENT_TIMEOUT), &req).await
+                vm.agent.pause_container(self.agent_ctx(), &req).await
             } else {
-                vm.agent.resume_container(ctx(AGENT_TIMEOUT), &req).await
+                vm.agent.resume_container(self.agent_ctx(), &req).await
             };
             r.map_err(|e| agent_err(&format!("task {id}: {what}"), e))?;
         }

@@ -13,8 +13,7 @@ use containerd_shim_protos::ttrpc::{self, Code};
 use peapod_agent_protocol as agent_proto;
 use serde_json::Value;
 
-use crate::agent::ctx;
-use crate::pod::{agent_err, err, exec_label, now, set_exit_once, Process, Service, AGENT_TIMEOUT};
+use crate::pod::{agent_err, err, exec_label, now, set_exit_once, Process, Service};
 use crate::stdio::StdioPaths;
 
 /// containerd's `Any` for the metrics it reads for a v2 cgroup.
@@ -192,7 +191,7 @@ impl Task for Service {
             ..Default::default()
         };
         vm.agent
-            .resize_tty(ctx(AGENT_TIMEOUT), &areq)
+            .resize_tty(self.0.agent_ctx(), &areq)
             .await
             .map_err(|e| agent_err(&format!("task {}: ResizePty", req.id), e))?;
         Ok(api::Empty::new())
@@ -237,7 +236,7 @@ impl Task for Service {
         };
         let pids = vm
             .agent
-            .list_pids(ctx(AGENT_TIMEOUT), &areq)
+            .list_pids(self.0.agent_ctx(), &areq)
             .await
             .map_err(|e| agent_err(&format!("task {}: Pids", req.id), e))?;
         Ok(api::PidsResponse {
@@ -326,7 +325,7 @@ impl Task for Service {
             ..Default::default()
         };
         vm.agent
-            .signal_process(ctx(AGENT_TIMEOUT), &areq)
+            .signal_process(self.0.agent_ctx(), &areq)
             .await
             .map_err(|e| agent_err(&format!("task {}: Kill", req.id), e))?;
         Ok(api::Empty::new())
@@ -364,7 +363,7 @@ impl Task for Service {
             ..Default::default()
         };
         vm.agent
-            .update_container(ctx(AGENT_TIMEOUT), &areq)
+            .update_container(self.0.agent_ctx(), &areq)
             .await
             .map_err(|e| agent_err(&format!("task {}: Update", req.id), e))?;
         Ok(api::Empty::new())
@@ -404,7 +403,7 @@ impl Task for Service {
         };
         let s = vm
             .agent
-            .stats_container(ctx(AGENT_TIMEOUT), &areq)
+            .stats_container(self.0.agent_ctx(), &areq)
             .await
             .map_err(|e| agent_err(&format!("task {}: Stats", req.id), e))?;
         Ok(api::StatsResponse {
