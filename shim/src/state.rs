@@ -139,8 +139,16 @@ mod tests {
         // The vsock socket and a guest-to-host port's socket fit in sockaddr_un.
         let longest = dir.join("vsock.sock_4294967295");
         assert!(longest.as_os_str().len() <= 107, "{}", longest.display());
-        assert_eq!(dir, pod_dir(state, "k8s.io", id), "the same pod, the same dir");
-        assert_ne!(dir, pod_dir(state, "other", id), "namespaces keep pods apart");
+        assert_eq!(
+            dir,
+            pod_dir(state, "k8s.io", id),
+            "the same pod, the same dir"
+        );
+        assert_ne!(
+            dir,
+            pod_dir(state, "other", id),
+            "namespaces keep pods apart"
+        );
         let same_prefix = format!("{}0", &id[..63]);
         assert_ne!(dir, pod_dir(state, "k8s.io", &same_prefix));
         assert_eq!(
