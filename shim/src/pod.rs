@@ -998,37 +998,74 @@ impl Pod {
             }
         }
         let c = st.containers.remove(id).expect("checked above");
-        if let Some(vm) = vm.as_ref().filter(|vm| !*vm.gone.borrow()) {
-            let req = agent_proto::RemoveContainerRequest {
-                container_id: id.into(),
-                ..Default::default()
-            };
-            if let Err(e) = vm.agent.remove_container(self.agent_ctx(), &req).await {
-                log::warn!("task {id}: RemoveContainer: {e}");
-            }
+        let last = st.containers.is_empty() && st.creating.is_empty();
+        if last {
+            // Nothing new may start in a VM that is about to go.
+            st.stopping = true;
         }
-        for d in &c.meta.disks {
-            self.release_disk(&mut st, vm.as_deref(), d).await;
+        drop(st);
+        // containerd may stop waiting for the answer (CRI gives the Delete that follows a
+        // sandbox's exit 10 s, less than a guest here takes) and the RPC's future is then
+        // dropped. A removal cut short would leave the container out of the records but
+        // the VM running, so it runs on a task of its own and always finishes.
+        let pod = Arc::clone(self);
+        let task_id = id.to_string();
+        let exited_at = exit.at.clone();
+        let exit_status = exit.status;
+        tokio::spawn(async move {
+            pod.remove_container(&task_id, c, vm, last).await;
+            pod.publish(TaskDelete {
+                container_id: task_id,
+                pid,
+                exit_status,
+                exited_at: MessageField::some(exited_at),
+                ..Default::default()
+            })
+            .await;
+        })
+        .await
+        .map_err(|e| {
+            err(
+                Code::INTERNAL,
+                format!("task {id}: removing it failed: {e}"),
+            )
+        })?;
+        Ok(delete_response(pid, &exit))
+    }
+
+    /// The rest of a Delete once `c` is out of the pod's records: the container leaves
+    /// the guest and its disks their slots, then its files go; with the `last` task the
+    /// VM goes too, and the guest's part is skipped (DestroySandbox ends everything
+    /// there, and emptying slots of a VM about to stop is wasted guest time).
+    async fn remove_container(
+        self: &Arc<Self>,
+        id: &str,
+        c: Container,
+        vm: Option<Arc<Vm>>,
+        last: bool,
+    ) {
+        if !last {
+            if let Some(vm) = vm.as_ref().filter(|vm| !*vm.gone.borrow()) {
+                let req = agent_proto::RemoveContainerRequest {
+                    container_id: id.into(),
+                    ..Default::default()
+                };
+                if let Err(e) = vm.agent.remove_container(self.agent_ctx(), &req).await {
+                    log::warn!("task {id}: RemoveContainer: {e}");
+                }
+            }
+            let mut st = self.state.lock().await;
+            for d in &c.meta.disks {
+                self.release_disk(&mut st, vm.as_deref(), d).await;
+            }
         }
         if let Err(e) = state::remove_dir(&c.meta.work_dir) {
             log::warn!("task {id}: removing {}: {e}", c.meta.work_dir.display());
         }
         let _ = std::fs::remove_file(Path::new(&c.meta.bundle).join(state::BUNDLE_FILE));
-        let last = st.containers.is_empty() && st.creating.is_empty();
-        drop(st);
-        drop(c);
         if last {
             self.teardown_vm().await;
         }
-        self.publish(TaskDelete {
-            container_id: id.into(),
-            pid,
-            exit_status: exit.status,
-            exited_at: MessageField::some(exit.at.clone()),
-            ..Default::default()
-        })
-        .await;
-        Ok(delete_response(pid, &exit))
     }
 
     /// Ends the VM (the last task is gone): the agent powers the guest off; the VMM
