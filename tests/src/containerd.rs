@@ -19,11 +19,14 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::cri::CriConfig;
 use crate::netns::run_in_netns;
 use crate::{initrd, kernel, require_root, shim_binary, vmm_binary};
 
-/// The containerd namespace every `ctr` call of the tests uses.
+/// The containerd namespace the task-level tests' `ctr` calls use.
 pub const NAMESPACE: &str = "peapod-test";
+/// The namespace CRI keeps its pods, containers and images in.
+pub const CRI_NAMESPACE: &str = "k8s.io";
 /// The runtime type that selects the peapod shim.
 pub const PEAPOD_RUNTIME: &str = "io.containerd.peapod.v2";
 /// The name containerd looks the peapod shim up by, on its `PATH`.
@@ -33,12 +36,16 @@ pub const VMM_NAME: &str = "peapod-vmm";
 /// How long a `ctr` call may take before the helper gives up: a pod boots a VM (about
 /// 15 s here), and CI machines are loaded.
 pub const CTR_TIMEOUT: Duration = Duration::from_secs(240);
+/// The shim's boot and agent-call deadlines in the tests' config.
+const GUEST_DEADLINE_SECS: u32 = 300;
 /// How long containerd may take to answer on its socket after a start.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(30);
-/// The CRI plugin, disabled unless [`ContainerdOptions::cri`] says otherwise.
+/// The CRI plugin, disabled unless [`ContainerdOptions::cri`] configures it.
 pub const CRI_PLUGIN: &str = "io.containerd.grpc.v1.cri";
 /// How much of containerd's log a failing helper prints.
 const LOG_TAIL_LINES: usize = 60;
+/// How often a step may meet the host's busybox fault before the test fails.
+const PLATFORM_ATTEMPTS: u32 = 3;
 
 /// The peapod config file (`PEAPOD_CONFIG`) the shim reads. Every key is optional for
 /// the shim; `None` leaves a key out of the file. The paths under the containerd's
@@ -55,6 +62,8 @@ pub struct PeapodConfig {
     pub default_vcpus: Option<u32>,
     pub default_memory_mib: Option<u32>,
     pub block_slots: Option<u32>,
+    pub boot_timeout_secs: Option<u32>,
+    pub agent_timeout_secs: Option<u32>,
     pub log_level: Option<String>,
     /// More `key = value` lines, written as given (TOML), for keys added later.
     pub extra: Vec<String>,
@@ -62,7 +71,9 @@ pub struct PeapodConfig {
 
 impl PeapodConfig {
     /// The tests' usual config: the kernel, initramfs and VMM under test, one vCPU,
-    /// 256 MiB, eight block slots, debug logs.
+    /// 256 MiB, eight block slots, debug logs, and deadlines for guests whose kernel
+    /// this kind of host emulates (a container's creation takes 30-40 s here alone,
+    /// longer beside another VM on two cores).
     pub fn for_tests() -> Self {
         Self {
             kernel: Some(kernel()),
@@ -73,6 +84,8 @@ impl PeapodConfig {
             default_vcpus: Some(1),
             default_memory_mib: Some(256),
             block_slots: Some(8),
+            boot_timeout_secs: Some(GUEST_DEADLINE_SECS),
+            agent_timeout_secs: Some(GUEST_DEADLINE_SECS),
             log_level: Some("debug".into()),
             extra: Vec::new(),
         }
@@ -97,6 +110,8 @@ impl PeapodConfig {
             ("default_vcpus", self.default_vcpus),
             ("default_memory_mib", self.default_memory_mib),
             ("block_slots", self.block_slots),
+            ("boot_timeout_secs", self.boot_timeout_secs),
+            ("agent_timeout_secs", self.agent_timeout_secs),
         ];
         for (key, value) in numbers {
             if let Some(n) = value {
@@ -114,15 +129,17 @@ impl PeapodConfig {
 }
 
 /// A TOML basic string: JSON's escapes are a subset of TOML's.
-fn toml_string(s: &str) -> String {
+pub fn toml_string(s: &str) -> String {
     serde_json::to_string(s).unwrap()
 }
 
 /// How to start a [`Containerd`].
 #[derive(Clone, Debug, Default)]
 pub struct ContainerdOptions {
-    /// Enables the CRI plugin (disabled for the task-level tests).
-    pub cri: bool,
+    /// The CRI plugin's settings; `None` disables the plugin (the task-level tests).
+    pub cri: Option<CriConfig>,
+    /// The namespace `ctr` calls use; [`NAMESPACE`] if `None`.
+    pub namespace: Option<&'static str>,
     /// The binary to offer as `containerd-shim-peapod-v2`; `None`: none (runc only).
     pub shim: Option<PathBuf>,
     /// The peapod config to write and name in `PEAPOD_CONFIG`; `None`: neither.
@@ -224,7 +241,8 @@ impl Containerd {
             );
             std::os::unix::fs::symlink(shim, bin.join(SHIM_NAME)).unwrap();
         }
-        std::fs::write(&config_path, containerd_config(&root_dir, &socket, &opts)).unwrap();
+        let config = containerd_config(&root_dir, &socket, peapod_config.as_deref(), &opts);
+        std::fs::write(&config_path, config).unwrap();
 
         // Our shim first; the rest of the inherited PATH, plus the usual system
         // directories in case the test runs with a reduced one (runc is in /usr/sbin).
@@ -291,6 +309,33 @@ impl Containerd {
         self.child = Some(child);
     }
 
+    /// Runs `step` again (at most [`PLATFORM_ATTEMPTS`] times in all) only when it
+    /// failed and the guest kernel reported the host's busybox fault meanwhile
+    /// (docs/platform.md); any other failure is the step's. `undo` cleans up after
+    /// a failed attempt. Prints each rerun.
+    pub fn retry_platform_faults<T>(
+        &self,
+        what: &str,
+        mut step: impl FnMut() -> Result<T, String>,
+        mut undo: impl FnMut(),
+    ) -> T {
+        for attempt in 1.. {
+            let faults = self.platform_faults();
+            let e = match step() {
+                Ok(v) => return v,
+                Err(e) => e,
+            };
+            // The kernel's line reaches containerd's log a moment after the exit.
+            std::thread::sleep(Duration::from_secs(2));
+            if self.platform_faults() == faults || attempt == PLATFORM_ATTEMPTS {
+                panic!("{what}: {e}\n{}", self.log_tail());
+            }
+            eprintln!("{what}: attempt {attempt} hit the host's busybox fault ({e}); again");
+            undo();
+        }
+        unreachable!()
+    }
+
     /// containerd's process id.
     pub fn pid(&self) -> u32 {
         self.child.as_ref().expect("containerd runs").id()
@@ -348,7 +393,7 @@ impl Containerd {
         )
     }
 
-    /// Runs `ctr --address <socket> --namespace peapod-test <args>` and returns what it
+    /// Runs `ctr --address <socket> --namespace <namespace> <args>` and returns what it
     /// did, whatever its status; panics if it takes longer than [`CTR_TIMEOUT`].
     pub fn ctr(&self, args: &[&str]) -> Output {
         self.ctr_timeout(args, CTR_TIMEOUT)
@@ -393,7 +438,7 @@ impl Containerd {
             .arg("--address")
             .arg(&self.socket)
             .arg("--namespace")
-            .arg(NAMESPACE)
+            .arg(self.opts.namespace.unwrap_or(NAMESPACE))
             .args(args)
             .stdin(if input.is_some() {
                 Stdio::piped()
@@ -528,6 +573,7 @@ impl Containerd {
             state_dirs: vec![self.state_dir.clone()],
             netns: netns.iter().map(|s| s.to_string()).collect(),
             markers: vec![self.root_dir.to_string_lossy().into_owned()],
+            ..Default::default()
         }
     }
 
@@ -600,6 +646,20 @@ impl Drop for Containerd {
             let _ = child.kill();
             let _ = child.wait();
         }
+        // A failed test's containerd log (with the shim's and the guest's lines) is
+        // what tells why: keep a copy outside the directory about to go.
+        if std::thread::panicking() {
+            let kept = std::env::temp_dir().join(format!(
+                "peapod-failed-containerd-{}.log",
+                self.root_dir
+                    .file_name()
+                    .unwrap_or_default()
+                    .to_string_lossy()
+            ));
+            if std::fs::copy(&self.log, &kept).is_ok() {
+                eprintln!("containerd's log is kept in {}", kept.display());
+            }
+        }
         // Something still mounted under the directory (a leaked container's rootfs) would
         // make its removal reach into the mount: keep the directory then, and say so.
         let mounted = mounts_under(&self.root_dir);
@@ -640,13 +700,17 @@ pub fn describe_output(out: &Output) -> String {
 
 /// containerd 1.6's config (version 2) with everything it writes under `dir`: root,
 /// state, temp, both sockets (gRPC and ttrpc), the `opt` plugin's directory; the
-/// debug and metrics listeners off.
-fn containerd_config(dir: &Path, socket: &Path, opts: &ContainerdOptions) -> String {
+/// debug and metrics listeners off; the CRI plugin's section, or the plugin disabled.
+fn containerd_config(
+    dir: &Path,
+    socket: &Path,
+    peapod_config: Option<&Path>,
+    opts: &ContainerdOptions,
+) -> String {
     let q = |p: &Path| toml_string(&p.to_string_lossy());
-    let disabled = if opts.cri {
-        String::new()
-    } else {
-        toml_string(CRI_PLUGIN)
+    let (disabled, cri) = match &opts.cri {
+        Some(c) => (String::new(), c.to_toml(dir, peapod_config)),
+        None => (toml_string(CRI_PLUGIN), String::new()),
     };
     let level = opts.log_level.as_deref().unwrap_or("debug");
     let ttrpc = socket.with_extension("sock.ttrpc");
@@ -672,7 +736,7 @@ disabled_plugins = [{disabled}]
 
 [plugins."io.containerd.internal.v1.opt"]
   path = {opt}
-"#,
+{cri}"#,
         root = q(&dir.join("root")),
         state = q(&dir.join("state")),
         temp = q(&dir.join("tmp")),

@@ -23,8 +23,6 @@ const RUNC_RUNTIME: &str = "io.containerd.runc.v2";
 const STOP_TIMEOUT: Duration = Duration::from_secs(30);
 /// SIGKILL's exit status (128 + 9).
 const KILLED_STATUS: i32 = 137;
-/// How often a step may meet the host's busybox fault before the test fails.
-const PLATFORM_ATTEMPTS: u32 = 3;
 /// The port the network tests' containers serve on, and what they answer.
 const NC_PORT: u16 = 8080;
 const NC_REPLY: &str = "hi-from-the-pod";
@@ -95,31 +93,14 @@ impl Harness {
         }
     }
 
-    /// Runs `step` again (at most [`PLATFORM_ATTEMPTS`] times in all) only when it
-    /// failed and the guest kernel reported the host's busybox fault meanwhile
-    /// (docs/platform.md); any other failure is the step's. `undo` cleans up after
-    /// a failed attempt. Prints each rerun.
+    /// [`Containerd::retry_platform_faults`] on this harness's containerd.
     fn step<T>(
         &self,
         what: &str,
-        mut step: impl FnMut() -> Result<T, String>,
-        mut undo: impl FnMut(),
+        step: impl FnMut() -> Result<T, String>,
+        undo: impl FnMut(),
     ) -> T {
-        for attempt in 1.. {
-            let faults = self.ctd.platform_faults();
-            let e = match step() {
-                Ok(v) => return v,
-                Err(e) => e,
-            };
-            // The kernel's line reaches containerd's log a moment after the exit.
-            std::thread::sleep(Duration::from_secs(2));
-            if self.ctd.platform_faults() == faults || attempt == PLATFORM_ATTEMPTS {
-                panic!("{what}: {e}\n{}", self.ctd.log_tail());
-            }
-            eprintln!("{what}: attempt {attempt} hit the host's busybox fault ({e}); again");
-            undo();
-        }
-        unreachable!()
+        self.ctd.retry_platform_faults(what, step, undo)
     }
 
     /// `ctr run --rm` of `cmd` in container `id`, in the foreground, until it exits
