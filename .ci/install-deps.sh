@@ -14,6 +14,9 @@ pkgs+=(busybox-static e2fsprogs iproute2)
 pkgs+=(libseccomp-dev erofs-utils)
 # The shim's tests: a private containerd (with ctr; runc comes with it) runs pods.
 pkgs+=(containerd)
+# The CRI tests: pods get their network from the CNI plugins (bridge, host-local), and
+# the CRI client (k8s-cri) is generated from the CRI proto at build time by protoc.
+pkgs+=(containernetworking-plugins protobuf-compiler)
 # Benchmarks: QEMU is the boot benchmark's peer; strace counts the agent's system
 # calls in the guest.
 [ "${1:-}" = bench ] && pkgs+=(qemu-system-x86 strace)

@@ -41,6 +41,10 @@ pub struct HostFilter {
     /// another containerd's directories (a mount point with an `io.containerd.`
     /// component and no marker), do not count either.
     pub markers: Vec<String>,
+    /// A host bridge whose ports count (a CNI bridge: each pod adds a veth).
+    pub bridge_ports: Option<String>,
+    /// Whether the network namespaces CRI makes (`/run/netns/cni-*`) count.
+    pub cri_netns: bool,
 }
 
 /// A snapshot of the host, as far as a pod could change it.
@@ -77,7 +81,13 @@ impl HostState {
                 .collect(),
             files,
             sockets: sockets_under(&socket_dirs, &filter.markers),
-            net: filter.netns.iter().flat_map(|ns| net_state(ns)).collect(),
+            net: filter
+                .netns
+                .iter()
+                .flat_map(|ns| net_state(ns))
+                .chain(filter.bridge_ports.iter().flat_map(|b| bridge_ports(b)))
+                .chain(filter.cri_netns.then(cri_netns).into_iter().flatten())
+                .collect(),
         }
     }
 
@@ -141,7 +151,12 @@ impl HostState {
 /// still there after [`SETTLE_TIMEOUT`]; leaked processes are killed after the check,
 /// so that one failing test does not litter the machine.
 pub fn assert_no_leftovers(before: &HostState) {
-    let leaked = HostState::take(&before.filter).leaked_since(before);
+    assert_no_leftovers_within(before, SETTLE_TIMEOUT)
+}
+
+/// [`assert_no_leftovers`], giving teardown `timeout` to finish.
+pub fn assert_no_leftovers_within(before: &HostState, timeout: Duration) {
+    let leaked = HostState::take(&before.filter).leaked_since_within(before, timeout);
     if leaked.is_empty() {
         return;
     }
@@ -382,6 +397,27 @@ fn net_state(ns: &str) -> Vec<String> {
         }
     }
     out
+}
+
+/// The host interfaces enslaved to `bridge`.
+fn bridge_ports(bridge: &str) -> Vec<String> {
+    output_of(&["ip", "-o", "link", "show", "master", bridge])
+        .lines()
+        .filter_map(|l| l.split(": ").nth(1)?.split('@').next().map(String::from))
+        .map(|port| format!("bridge {bridge}: port {port}"))
+        .collect()
+}
+
+/// The network namespaces CRI has made (`/run/netns/cni-<uuid>`).
+fn cri_netns() -> Vec<String> {
+    let Ok(dir) = std::fs::read_dir("/run/netns") else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter_map(|e| e.file_name().to_str().map(String::from))
+        .filter(|n| n.starts_with("cni-"))
+        .map(|n| format!("network namespace /run/netns/{n}"))
+        .collect()
 }
 
 /// The interfaces of namespace `ns` (their names), for a test's own checks.

@@ -16,7 +16,10 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 pub mod agent;
+pub mod cni;
 pub mod containerd;
+pub mod cri;
+pub mod kubelet;
 pub mod layers;
 pub mod leftovers;
 pub mod netns;

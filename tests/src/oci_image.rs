@@ -1,5 +1,6 @@
 //! A container image the shim tests build themselves, with no registry: an OCI
-//! image-layout tarball for `ctr images import`, holding two uncompressed layers.
+//! image-layout tarball for `ctr images import`, holding two uncompressed layers (and a
+//! pause image for CRI's sandboxes: the same layers, `sleep` as its command).
 //!
 //! - layer 1: Debian's busybox-static as `/bin/busybox`, a link in /bin for every applet
 //!   it lists, the usual mount points, a minimal /etc/passwd and /etc/group;
@@ -21,6 +22,10 @@ pub const IMAGE_REF: &str = "docker.io/peapod/busybox:test";
 /// The file layer 2 adds, and what it holds.
 pub const HELLO_PATH: &str = "/app/hello.txt";
 pub const HELLO_CONTENT: &str = "hello from peapod's second layer\n";
+/// The pause image's name (CRI's `sandbox_image`).
+pub const PAUSE_IMAGE_REF: &str = "docker.io/peapod/pause:test";
+/// The pause image's command: sleep until killed (CRI stops a sandbox with SIGKILL).
+const PAUSE_CMD: [&str; 2] = ["sleep", "2147483647"];
 /// The image config's environment.
 pub const IMAGE_PATH_ENV: &str = "PATH=/bin:/usr/bin";
 
@@ -32,6 +37,18 @@ const INDEX_MEDIA_TYPE: &str = "application/vnd.oci.image.index.v1+json";
 /// Writes the image's OCI-layout tarball into `dir`; returns its path and the image's
 /// name ([`IMAGE_REF`]).
 pub fn busybox_image_tar(dir: &Path) -> (PathBuf, &'static str) {
+    image_tar(dir, IMAGE_REF, &["sh"])
+}
+
+/// Writes the pause image's OCI-layout tarball into `dir`; returns its path and the
+/// image's name ([`PAUSE_IMAGE_REF`]). Its layers are the busybox image's, so a node
+/// (and peapod's layer cache) holds them once.
+pub fn pause_image_tar(dir: &Path) -> (PathBuf, &'static str) {
+    image_tar(dir, PAUSE_IMAGE_REF, &PAUSE_CMD)
+}
+
+/// The OCI-layout tarball of an image named `reference` with the two layers and `cmd`.
+fn image_tar(dir: &Path, reference: &'static str, cmd: &[&str]) -> (PathBuf, &'static str) {
     let layers = [busybox_layer(), app_layer()];
     let mut blobs: Vec<(String, Vec<u8>)> = Vec::new();
     let mut layer_descs = Vec::new();
@@ -52,7 +69,7 @@ pub fn busybox_image_tar(dir: &Path) -> (PathBuf, &'static str) {
         "os": "linux",
         "config": {
             "Env": [IMAGE_PATH_ENV],
-            "Cmd": ["sh"],
+            "Cmd": cmd,
             "WorkingDir": "/",
         },
         "rootfs": { "type": "layers", "diff_ids": diff_ids },
@@ -75,7 +92,7 @@ pub fn busybox_image_tar(dir: &Path) -> (PathBuf, &'static str) {
     }))
     .unwrap();
     let manifest_digest = sha256(&manifest);
-    let tag = IMAGE_REF.rsplit_once(':').unwrap().1;
+    let (name, tag) = reference.rsplit_once(':').unwrap();
     let index = serde_json::to_vec(&json!({
         "schemaVersion": 2,
         "mediaType": INDEX_MEDIA_TYPE,
@@ -84,7 +101,7 @@ pub fn busybox_image_tar(dir: &Path) -> (PathBuf, &'static str) {
             "digest": manifest_digest,
             "size": manifest.len(),
             "annotations": {
-                "io.containerd.image.name": IMAGE_REF,
+                "io.containerd.image.name": reference,
                 "org.opencontainers.image.ref.name": tag,
             },
         }],
@@ -102,10 +119,11 @@ pub fn busybox_image_tar(dir: &Path) -> (PathBuf, &'static str) {
         let hex = digest.strip_prefix("sha256:").unwrap();
         out.file(&format!("blobs/sha256/{hex}"), data, 0o644);
     }
-    let path = dir.join("peapod-busybox-oci.tar");
+    let file = name.rsplit('/').next().unwrap();
+    let path = dir.join(format!("peapod-{file}-oci.tar"));
     std::fs::write(&path, out.finish())
         .unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
-    (path, IMAGE_REF)
+    (path, reference)
 }
 
 /// The OCI architecture name of this machine.
