@@ -1,0 +1,298 @@
+//! Peapod as Kubernetes uses it: the test plays the kubelet over CRI (src/kubelet.rs)
+//! against a private containerd whose CRI plugin runs runc by default and peapod for
+//! `runtime_handler: "peapod"`, with a CNI bridge network (src/cni.rs). Every test ends
+//! by checking that nothing of its pods is left on the host.
+//!
+//! Needs root, KVM, containerd, the CNI plugins, the shim, the VMM, the guest kernel and
+//! initramfs (`make test` provides them all).
+
+use std::io::Read;
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use k8s_cri::v1::*;
+use peapod_tests::cri::{exec_stream, PEAPOD_HANDLER};
+use peapod_tests::kubelet::{ContainerSpec, Node, CONTAINER_TIMEOUT};
+use peapod_tests::{guest_kernel_release, host_kernel_release};
+
+/// The leftovers check looks at host-wide things (CRI's network namespaces): tests
+/// that run pods take turns.
+static ONE_NODE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+const MIB: i64 = 1024 * 1024;
+/// The port the web pod serves on, and what it answers.
+const WEB_PORT: u16 = 8080;
+const WEB_REPLY: &str = "hi-from-the-web-pod";
+/// The exit status of the job container's first attempt.
+const JOB_STATUS: i32 = 7;
+
+fn one_node_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    ONE_NODE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// What a connection from this host to `ip:port` reads before the server closes it;
+/// retried until [`CONTAINER_TIMEOUT`] (the server may still be starting).
+fn read_from(ip: Ipv4Addr, port: u16) -> String {
+    let addr = SocketAddr::from((ip, port));
+    let deadline = Instant::now() + CONTAINER_TIMEOUT;
+    loop {
+        let attempt =
+            TcpStream::connect_timeout(&addr, Duration::from_secs(2)).and_then(|mut s| {
+                s.set_read_timeout(Some(Duration::from_secs(30)))?;
+                let mut text = String::new();
+                s.read_to_string(&mut text)?;
+                Ok(text)
+            });
+        match attempt {
+            Ok(text) if !text.is_empty() => return text,
+            other if Instant::now() > deadline => {
+                panic!("nothing from {addr} within {CONTAINER_TIMEOUT:?}: last {other:?}")
+            }
+            _ => std::thread::sleep(Duration::from_millis(500)),
+        }
+    }
+}
+
+/// The memory limit of the cgroup the exec runs in, as the container sees it.
+const MEMORY_MAX: &str = "p=$(sed -n 's/^0:://p' /proc/self/cgroup); \
+     cat /sys/fs/cgroup$p/memory.max 2>/dev/null || cat /sys/fs/cgroup/memory.max";
+
+/// The kubelet's view of peapod, end to end: a runc pod and two peapod pods on one
+/// containerd. The peapod pods run the guest's kernel, have pod IPs the host and each
+/// other reach, enforce the memory limit CreateContainer asked for (and the one
+/// UpdateContainerResources sets), report stats, stream exec with stdin and an exit
+/// status, write CRI logs, restart an exited container in the same pod, and leave
+/// nothing behind once removed.
+#[test]
+fn a_kubelet_runs_peapod_pods_beside_runc() {
+    let _turn = one_node_at_a_time();
+    let node = Node::start();
+    let (host_release, guest_release) = (host_kernel_release(), guest_kernel_release());
+    assert_ne!(
+        host_release, guest_release,
+        "the guest kernel must differ from the host's"
+    );
+
+    // runc, containerd's default runtime, beside peapod on the same containerd.
+    let runc_pod = node.run_pod("runc-pod", "");
+    let runc_main = node.run_container(&runc_pod, &ContainerSpec::new("main", &["sleep", "3600"]));
+    assert_eq!(
+        node.exec_ok(&runc_main, "uname -r"),
+        host_release,
+        "uname -r in the runc pod"
+    );
+
+    // The web pod: a server with a memory limit.
+    let web = node.run_pod("web", PEAPOD_HANDLER);
+    assert_eq!(node.pod_status(&web).runtime_handler, PEAPOD_HANDLER);
+    let web_ip = node.pod_ip(&web);
+    let server_spec = ContainerSpec::shell(
+        "server",
+        &format!("echo server-started; exec nc -ll -p {WEB_PORT} -e echo {WEB_REPLY}"),
+    )
+    .memory_limit(128 * MIB);
+    let server = node.run_container(&web, &server_spec);
+    let log = node.wait_log(&server, "server-started");
+    assert!(
+        log.contains(&("stdout".into(), "server-started".into())),
+        "the CRI log names the stream: {log:?}"
+    );
+    assert_eq!(
+        node.exec_ok(&server, "uname -r"),
+        guest_release,
+        "uname -r in a peapod pod"
+    );
+    assert_eq!(
+        node.exec_ok(&server, MEMORY_MAX),
+        (128 * MIB).to_string(),
+        "the container's memory limit inside the guest"
+    );
+    assert_eq!(
+        node.exec_ok(&server, "ip -4 -o addr show eth0 | awk '{print $4}'"),
+        format!("{web_ip}/{}", node.net.prefix_len),
+        "the guest's eth0 has the pod IP CRI reports"
+    );
+    let status = node.wait_container_state(&server, ContainerState::ContainerRunning);
+    assert!(status.started_at > 0, "{status:?}");
+
+    // ContainerStats: the guest's cgroup figures, through the shim and CRI.
+    let stats = node
+        .cri
+        .container_stats(ContainerStatsRequest {
+            container_id: server.id.clone(),
+        })
+        .expect("ContainerStats")
+        .stats
+        .expect("ContainerStats has stats");
+    let memory = stats.memory.expect("ContainerStats has memory");
+    let working_set = memory.working_set_bytes.map(|v| v.value).unwrap_or(0);
+    assert!(working_set > 0, "the server's working set: {memory:?}");
+    assert!(
+        working_set < (128 * MIB) as u64,
+        "the working set {working_set} is within the limit"
+    );
+
+    // The host reaches the pod's port at its pod IP.
+    assert_eq!(
+        read_from(web_ip, WEB_PORT).trim(),
+        WEB_REPLY,
+        "host -> web pod"
+    );
+
+    // A second peapod pod reaches the first at its pod IP.
+    let client = node.run_pod("client", PEAPOD_HANDLER);
+    let client_ip = node.pod_ip(&client);
+    assert_ne!(client_ip, web_ip);
+    let client_main = node.run_container(&client, &ContainerSpec::new("main", &["sleep", "3600"]));
+    assert_eq!(
+        node.exec_ok(
+            &client_main,
+            &format!("nc -w 30 {web_ip} {WEB_PORT} </dev/null")
+        ),
+        WEB_REPLY,
+        "client pod -> web pod over TCP"
+    );
+
+    // Streaming exec, through the URL CRI returns: stdin in, both streams and the
+    // exit status out.
+    let url = node
+        .cri
+        .exec(ExecRequest {
+            container_id: server.id.clone(),
+            cmd: [
+                "sh",
+                "-c",
+                "read line; echo got:$line; echo to-stderr >&2; exit 3",
+            ]
+            .map(String::from)
+            .to_vec(),
+            tty: false,
+            stdin: true,
+            stdout: true,
+            stderr: true,
+        })
+        .expect("Exec")
+        .url;
+    let streamed = node.ctd.retry_platform_faults(
+        "streaming exec",
+        || exec_stream(&url, Some(b"hello\n"), CONTAINER_TIMEOUT),
+        || {},
+    );
+    assert_eq!(String::from_utf8_lossy(&streamed.stdout), "got:hello\n");
+    assert_eq!(String::from_utf8_lossy(&streamed.stderr), "to-stderr\n");
+    assert_eq!(streamed.exit_code, 3);
+
+    // UpdateContainerResources changes the limit inside the guest.
+    node.cri
+        .update_container_resources(UpdateContainerResourcesRequest {
+            container_id: server.id.clone(),
+            linux: Some(LinuxContainerResources {
+                memory_limit_in_bytes: 96 * MIB,
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .expect("UpdateContainerResources");
+    assert_eq!(node.exec_ok(&server, MEMORY_MAX), (96 * MIB).to_string());
+
+    // A container that exits, restarted in the same pod (the kubelet's next attempt).
+    let job0 = node.run_container(
+        &client,
+        &ContainerSpec::shell("job", &format!("echo run-0; exit {JOB_STATUS}")),
+    );
+    let exited = node.wait_container_state(&job0, ContainerState::ContainerExited);
+    assert_eq!(exited.exit_code, JOB_STATUS, "{exited:?}");
+    node.wait_log(&job0, "run-0");
+    let job1 = node.run_container(
+        &client,
+        &ContainerSpec::shell("job", "echo run-1; exec sleep 3600").attempt(1),
+    );
+    node.wait_log(&job1, "run-1");
+    assert_eq!(
+        node.container_status(&job1).state,
+        ContainerState::ContainerRunning as i32
+    );
+    let listed = node
+        .cri
+        .list_containers(ListContainersRequest {
+            filter: Some(ContainerFilter {
+                pod_sandbox_id: client.id.clone(),
+                ..Default::default()
+            }),
+        })
+        .expect("ListContainers")
+        .containers;
+    let mut seen: Vec<(String, u32, i32)> = listed
+        .iter()
+        .map(|c| {
+            let m = c.metadata.clone().unwrap_or_default();
+            (m.name, m.attempt, c.state)
+        })
+        .collect();
+    seen.sort();
+    assert_eq!(
+        seen,
+        vec![
+            ("job".into(), 0, ContainerState::ContainerExited as i32),
+            ("job".into(), 1, ContainerState::ContainerRunning as i32),
+            ("main".into(), 0, ContainerState::ContainerRunning as i32),
+        ]
+    );
+    node.cri
+        .remove_container(RemoveContainerRequest {
+            container_id: job0.id.clone(),
+        })
+        .expect("RemoveContainer of the exited attempt");
+    // The pod still works after one of its containers went.
+    assert_eq!(node.exec_ok(&job1, "echo still-here"), "still-here");
+
+    // StopContainer ends the server (SIGTERM, then SIGKILL after the grace period).
+    node.cri
+        .stop_container(StopContainerRequest {
+            container_id: server.id.clone(),
+            timeout: 10,
+        })
+        .expect("StopContainer");
+    node.wait_container_state(&server, ContainerState::ContainerExited);
+    node.cri
+        .remove_container(RemoveContainerRequest {
+            container_id: server.id.clone(),
+        })
+        .expect("RemoveContainer");
+
+    for pod in [&web, &client, &runc_pod] {
+        node.remove_pod(pod);
+    }
+    node.finish();
+}
+
+/// A peapod pod asking for the host's network is refused by name, before a VM boots,
+/// and leaves nothing behind.
+#[test]
+fn a_host_network_pod_is_refused_with_the_reason() {
+    let _turn = one_node_at_a_time();
+    let node = Node::start();
+    let mut config = node.pod_config("host-net");
+    config
+        .linux
+        .as_mut()
+        .and_then(|l| l.security_context.as_mut())
+        .and_then(|s| s.namespace_options.as_mut())
+        .expect("the pod config has namespace options")
+        .network = NamespaceMode::Node as i32;
+    let err = node
+        .cri
+        .run_pod_sandbox(RunPodSandboxRequest {
+            config: Some(config),
+            runtime_handler: PEAPOD_HANDLER.into(),
+        })
+        .expect_err("a hostNetwork pod cannot run in a VM");
+    assert!(
+        err.contains("host's network"),
+        "the error names the cause: {err}"
+    );
+    node.finish();
+}
