@@ -11,6 +11,7 @@ use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use peapod_tests::memory::rss_outside_guest_kib;
 use peapod_tests::{initrd, kernel, require_kvm, vmm_binary, READY_PREFIX};
 
 const MEMORY_MIB: u64 = 128;
@@ -100,67 +101,6 @@ fn boot_to_ready(mut cmd: Command) -> (Duration, Child) {
     panic!("{cmd:?}: the guest did not reach its ready line ({status:?})");
 }
 
-/// One mapping of /proc/<pid>/smaps: start, end, RSS in KiB.
-struct Vma {
-    start: u64,
-    end: u64,
-    rss_kib: u64,
-}
-
-fn vmas(pid: u32) -> Vec<Vma> {
-    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap();
-    let mut out: Vec<Vma> = Vec::new();
-    for line in smaps.lines() {
-        let first = line.split_whitespace().next().unwrap_or("");
-        if let Some((a, b)) = first.split_once('-').filter(|_| !first.ends_with(':')) {
-            if let (Ok(start), Ok(end)) = (u64::from_str_radix(a, 16), u64::from_str_radix(b, 16)) {
-                out.push(Vma {
-                    start,
-                    end,
-                    rss_kib: 0,
-                });
-                continue;
-            }
-        }
-        if let (Some(v), Some(kib)) = (out.last_mut(), line.strip_prefix("Rss:")) {
-            v.rss_kib = kib.trim().trim_end_matches(" kB").trim().parse().unwrap();
-        }
-    }
-    out
-}
-
-/// RSS of a process outside guest RAM, and in all, in KiB. Guest RAM is the run of
-/// adjacent mappings that adds up to exactly the guest's size (Peapod maps the kernel
-/// and initramfs over parts of it, splitting it), else the largest single mapping at
-/// least that large (QEMU).
-fn rss_outside_guest_kib(pid: u32) -> (u64, u64) {
-    let v = vmas(pid);
-    let guest_bytes = MEMORY_MIB << 20;
-    let total: u64 = v.iter().map(|m| m.rss_kib).sum();
-    for i in 0..v.len() {
-        let (mut size, mut rss) = (0, 0);
-        for (j, m) in v[i..].iter().enumerate() {
-            if j > 0 && m.start != v[i + j - 1].end {
-                break;
-            }
-            size += m.end - m.start;
-            rss += m.rss_kib;
-            if size >= guest_bytes {
-                break;
-            }
-        }
-        if size == guest_bytes {
-            return (total - rss, total);
-        }
-    }
-    let guest = v
-        .iter()
-        .filter(|m| m.end - m.start >= guest_bytes)
-        .max_by_key(|m| m.end - m.start)
-        .map_or(0, |m| m.rss_kib);
-    (total - guest, total)
-}
-
 struct Boot {
     ready: Duration,
     rss_outside_kib: u64,
@@ -170,7 +110,7 @@ fn measure(cmd: Command) -> Boot {
     let (ready, child) = boot_to_ready(cmd);
     // Let the guest settle so RSS is the idle figure, not mid-boot.
     std::thread::sleep(Duration::from_millis(500));
-    let (rss_outside_kib, _) = rss_outside_guest_kib(child.id());
+    let (rss_outside_kib, _) = rss_outside_guest_kib(child.id(), MEMORY_MIB << 20);
     stop(child);
     Boot {
         ready,

@@ -22,6 +22,7 @@ pub mod cri;
 pub mod kubelet;
 pub mod layers;
 pub mod leftovers;
+pub mod memory;
 pub mod netns;
 pub mod oci_image;
 pub mod probe;

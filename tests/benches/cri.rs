@@ -1,0 +1,187 @@
+//! Pods over CRI, peapod against runc on the same containerd in the same run
+//! (src/kubelet.rs plays the kubelet):
+//!
+//! - pod start latency: from RunPodSandbox called to the container's first line in its
+//!   CRI log, for a busybox `echo` container; runc and peapod rounds alternate
+//!   (`PEAPOD_BENCH_RUNS`, default 3), medians;
+//! - memory of idle pods, with 1, 2 and 4 of them: the PSS of the shims and the VMMs
+//!   (PSS shares a page among the processes that map it, so the sum is what the pods
+//!   cost together), the VMM's RSS outside guest RAM, and the idle CPU of shim and VMM;
+//! - the per-pod overhead to declare in the RuntimeClass (`overhead.podFixed`): the
+//!   guest memory the shim adds to a pod's limit plus what its shim and VMM hold outside
+//!   guest RAM.
+//!
+//! `make bench`, or `cargo bench -p peapod-tests --bench cri` as root with the artefacts
+//! in the environment (as `make test` sets them).
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use peapod_tests::cpu_time_of;
+use peapod_tests::cri::PEAPOD_HANDLER;
+use peapod_tests::kubelet::{ContainerSpec, Node, Pod};
+use peapod_tests::leftovers::HostState;
+use peapod_tests::memory::{pss_kib, rss_outside_guest_kib};
+
+const SHIM: &str = "containerd-shim-peapod-v2";
+const RUNC_SHIM: &str = "containerd-shim-runc-v2";
+const VMM: &str = "peapod-vmm";
+/// What the shim adds to a pod's memory limit for the guest kernel and agent
+/// (`memory_overhead_mib`'s default, shim/src/config.rs).
+const GUEST_OVERHEAD_MIB: u64 = 64;
+/// How long idle pods are watched for their CPU use.
+const IDLE_WINDOW: Duration = Duration::from_secs(10);
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+fn handler_name(handler: &str) -> &str {
+    if handler.is_empty() {
+        "runc"
+    } else {
+        handler
+    }
+}
+
+/// RunPodSandbox to the first output of an `echo` container; the pod is removed after.
+fn start_latency(node: &Node, handler: &str, round: usize) -> Duration {
+    let name = format!("start-{}-{round}", handler_name(handler));
+    let t0 = Instant::now();
+    let pod = node.run_pod(&name, handler);
+    let c = node.run_container(&pod, &ContainerSpec::shell("echo", "echo first-output"));
+    node.wait_log(&c, "first-output");
+    let took = t0.elapsed();
+    node.remove_pod(&pod);
+    took
+}
+
+/// The memory and CPU of a node's shims and VMMs, summed.
+#[derive(Default)]
+struct PodCost {
+    shim_pss_kib: u64,
+    vmm_pss_kib: u64,
+    vmm_outside_guest_kib: u64,
+    cpu: Duration,
+}
+
+/// The VMM's guest size, from its `--memory <MiB>` argument.
+fn guest_bytes(pid: i32) -> u64 {
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    let args: Vec<String> = cmdline
+        .split(|b| *b == 0)
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect();
+    let mib: u64 = args
+        .windows(2)
+        .find(|w| w[0] == "--memory")
+        .and_then(|w| w[1].parse().ok())
+        .unwrap_or_else(|| panic!("VMM {pid}: no --memory in {args:?}"));
+    mib << 20
+}
+
+fn measure(node: &Node, shim_name: &str) -> PodCost {
+    let host = HostState::take(&node.host_filter());
+    let shims = host.pids_named(shim_name);
+    let vmms = host.pids_named(VMM);
+    let cpu_of = |pids: &[i32]| pids.iter().map(|p| cpu_time_of(*p)).sum::<Duration>();
+    let cpu0 = cpu_of(&shims) + cpu_of(&vmms);
+    std::thread::sleep(IDLE_WINDOW);
+    let cpu = cpu_of(&shims) + cpu_of(&vmms) - cpu0;
+    PodCost {
+        shim_pss_kib: shims.iter().map(|p| pss_kib(*p)).sum(),
+        vmm_pss_kib: vmms.iter().map(|p| pss_kib(*p)).sum(),
+        vmm_outside_guest_kib: vmms
+            .iter()
+            .map(|p| rss_outside_guest_kib(*p as u32, guest_bytes(*p)).0)
+            .sum(),
+        cpu,
+    }
+}
+
+fn mib(kib: u64) -> f64 {
+    kib as f64 / 1024.0
+}
+
+fn main() {
+    let runs: usize = std::env::var("PEAPOD_BENCH_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3);
+    let node = Node::start();
+
+    // Start latency, rounds alternating so that both see the same machine.
+    let mut times: BTreeMap<&str, Vec<Duration>> = BTreeMap::new();
+    for round in 0..runs {
+        for handler in ["", PEAPOD_HANDLER] {
+            let t = start_latency(&node, handler, round);
+            eprintln!("round {round}: {}: {t:.2?}", handler_name(handler));
+            times.entry(handler_name(handler)).or_default().push(t);
+        }
+    }
+    let runc = median(times["runc"].clone());
+    let peapod = median(times[PEAPOD_HANDLER].clone());
+    println!("pod start, RunPodSandbox to the container's first output (median of {runs}):");
+    println!("  runc    {runc:.2?}  {:.2?}", times["runc"]);
+    println!("  peapod  {peapod:.2?}  {:.2?}", times[PEAPOD_HANDLER]);
+    println!(
+        "  ratio peapod / runc: {:.1}",
+        peapod.as_secs_f64() / runc.as_secs_f64()
+    );
+
+    // Idle pods: 1, then 2, then 4 of each handler.
+    println!("\nidle pods (a `sleep` container each); PSS summed over the pods' processes:");
+    println!("  pods | runc shims | peapod shims | peapod VMMs (all) | VMMs outside guest RAM | shim+VMM CPU idle");
+    let (mut overhead_kib, mut overhead_mcpu) = (0, 0.0f64);
+    for handler in ["", PEAPOD_HANDLER] {
+        let mut pods: Vec<Pod> = Vec::new();
+        let mut rows = Vec::new();
+        for n in [1usize, 2, 4] {
+            while pods.len() < n {
+                let name = format!("idle-{}-{}", handler_name(handler), pods.len());
+                let pod = node.run_pod(&name, handler);
+                node.run_container(&pod, &ContainerSpec::new("sleep", &["sleep", "3600"]));
+                pods.push(pod);
+            }
+            // Let the newest guest finish starting its container.
+            std::thread::sleep(Duration::from_secs(5));
+            let shim = if handler.is_empty() { RUNC_SHIM } else { SHIM };
+            rows.push((n, measure(&node, shim)));
+        }
+        for (n, c) in &rows {
+            let per = |kib: u64| format!("{:6.2} MiB ({:5.2}/pod)", mib(kib), mib(kib) / *n as f64);
+            let cpu_ms = c.cpu.as_secs_f64() * 1000.0 / IDLE_WINDOW.as_secs_f64();
+            if handler.is_empty() {
+                println!("  {n:4} | {} |", per(c.shim_pss_kib));
+            } else {
+                println!(
+                    "  {n:4} | {:>25} | {} | {} | {} | {:.0} mCPU ({:.0}/pod)",
+                    "",
+                    per(c.shim_pss_kib),
+                    per(c.vmm_pss_kib),
+                    per(c.vmm_outside_guest_kib),
+                    cpu_ms,
+                    cpu_ms / *n as f64
+                );
+                overhead_kib =
+                    overhead_kib.max((c.shim_pss_kib + c.vmm_outside_guest_kib) / *n as u64);
+                overhead_mcpu = overhead_mcpu.max(cpu_ms / *n as f64);
+            }
+        }
+        for pod in &pods {
+            node.remove_pod(pod);
+        }
+    }
+    let fixed_mib = GUEST_OVERHEAD_MIB + overhead_kib.div_ceil(1024);
+    // Rounded up to the next 50 millicores.
+    let fixed_mcpu = (overhead_mcpu / 50.0).ceil() as u64 * 50;
+    println!(
+        "\nper-pod overhead for the RuntimeClass: {GUEST_OVERHEAD_MIB} MiB guest overhead + \
+         {:.1} MiB shim and VMM outside guest RAM -> overhead.podFixed.memory: {fixed_mib}Mi; \
+         idle shim + VMM CPU {overhead_mcpu:.0} mCPU a pod at most -> overhead.podFixed.cpu: \
+         {fixed_mcpu}m",
+        mib(overhead_kib)
+    );
+    node.finish();
+}
