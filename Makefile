@@ -9,23 +9,37 @@ STATIC_BUILD := RUSTFLAGS="-C target-feature=+crt-static" $(CARGO) build --relea
 VMM := target/$(TRIPLE)/release/peapod-vmm
 SHIM := target/release/containerd-shim-peapod-v2
 
-.PHONY: demo test bench deps lint build
+# The artefacts under test, for the test, demo and bench programs.
+ARTEFACTS = PEAPOD_KERNEL="$$(kernel-config/build.sh)" PEAPOD_INITRD="$$(rootfs/build.sh)" \
+	PEAPOD_VMM="$(CURDIR)/$(VMM)" PEAPOD_SHIM="$(CURDIR)/$(SHIM)"
 
-## demo: on a fresh machine, install what is missing, build everything, boot a guest
-## and show its console until the agent reports ready and powers the VM off.
+.PHONY: demo boot test bench deps lint build install
+
+## demo: on a fresh machine, install what is missing, build everything, start a private
+## containerd with CRI, CNI and peapod, run a pod in a microVM over CRI, print what its
+## container sees, and remove the pod.
 demo: deps build
+	$(ARTEFACTS) $(CARGO) run --release -q -p peapod-tests --bin peapod-demo
+
+## boot: boot a bare guest and show its console until the agent reports ready and
+## powers the VM off (the VMM alone, no containerd).
+boot: deps build
 	$(VMM) --kernel "$$(kernel-config/build.sh)" --initrd "$$(rootfs/build.sh)" \
-	    --console stdout --cmdline peapod.poweroff=ready --api-socket /tmp/peapod-demo.sock
+	    --console stdout --cmdline peapod.poweroff=ready --api-socket /tmp/peapod-boot.sock
+
+## install: the shim, the VMM, the guest kernel and initramfs, the containerd config
+## snippets and the RuntimeClass, on this node (DESTDIR stages them elsewhere).
+install: build
+	shim/deploy/install.sh $(SHIM) $(VMM) "$$(kernel-config/build.sh)" "$$(rootfs/build.sh)"
 
 ## test: lints, unit tests and the integration tests that boot real guests under KVM.
 test: deps lint build
-	PEAPOD_KERNEL="$$(kernel-config/build.sh)" PEAPOD_INITRD="$$(rootfs/build.sh)" \
-	PEAPOD_TEST_INITRD="$$(rootfs/build-test.sh)" \
-	PEAPOD_VMM="$(CURDIR)/$(VMM)" PEAPOD_SHIM="$(CURDIR)/$(SHIM)" \
+	$(ARTEFACTS) PEAPOD_TEST_INITRD="$$(rootfs/build-test.sh)" \
 	$(CARGO) test --release --workspace --lib --bins --tests
 
 ## bench: boot figures against QEMU's microvm, the devices' cost against raw system
-## calls, each measured in one run, and a container's start in a guest.
+## calls, each measured in one run, a container's start in a guest, and pods over CRI
+## (start latency and memory per pod) against runc on the same containerd.
 bench: build
 	.ci/install-deps.sh bench
 	$(CARGO) bench -p peapod-devices --features test-utils --bench devices
@@ -34,6 +48,7 @@ bench: build
 	PEAPOD_KERNEL="$$(kernel-config/build.sh)" \
 	PEAPOD_INITRD="$$(rootfs/build-test.sh --with-strace target/peapod/bench-initramfs.cpio)" \
 	PEAPOD_VMM="$(CURDIR)/$(VMM)" $(CARGO) bench -p peapod-tests --bench agent
+	$(ARTEFACTS) $(CARGO) bench -p peapod-tests --bench cri
 
 deps:
 	.ci/install-deps.sh
