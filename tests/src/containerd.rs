@@ -14,7 +14,7 @@ use std::ffi::OsString;
 use std::fmt::Write as _;
 use std::fs::OpenOptions;
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -859,27 +859,7 @@ impl PodNetns {
     /// server may still be starting).
     pub fn read_from_pod(&self, port: u16, timeout: Duration) -> String {
         let addr = SocketAddr::from((self.pod_ip, port));
-        run_in_netns(&self.peer, move || {
-            let deadline = Instant::now() + timeout;
-            loop {
-                let attempt =
-                    TcpStream::connect_timeout(&addr, Duration::from_secs(2)).and_then(|mut s| {
-                        s.set_read_timeout(Some(Duration::from_secs(10)))?;
-                        let mut text = String::new();
-                        s.read_to_string(&mut text)?;
-                        Ok(text)
-                    });
-                match attempt {
-                    Ok(text) if !text.is_empty() => return text,
-                    other => {
-                        if Instant::now() > deadline {
-                            panic!("nothing from {addr} within {timeout:?}: last {other:?}");
-                        }
-                    }
-                }
-                std::thread::sleep(Duration::from_millis(250));
-            }
-        })
+        run_in_netns(&self.peer, move || crate::read_until_closed(addr, timeout))
     }
 }
 

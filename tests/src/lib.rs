@@ -363,3 +363,28 @@ pub fn ready_release(console: &str) -> Option<String> {
             .map(|(_, r)| r.trim().to_string())
     })
 }
+
+/// Connects to `addr` and returns what the server sends before it closes the
+/// connection; retries until `timeout` while nothing comes (the server may still be
+/// starting), then panics with the last attempt.
+pub fn read_until_closed(addr: std::net::SocketAddr, timeout: Duration) -> String {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let attempt = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).and_then(
+            |mut s| {
+                // A guest here answers slowly once connected.
+                s.set_read_timeout(Some(Duration::from_secs(30)))?;
+                let mut text = String::new();
+                s.read_to_string(&mut text)?;
+                Ok(text)
+            },
+        );
+        match attempt {
+            Ok(text) if !text.is_empty() => return text,
+            other if Instant::now() > deadline => {
+                panic!("nothing from {addr} within {timeout:?}: last {other:?}")
+            }
+            _ => std::thread::sleep(Duration::from_millis(250)),
+        }
+    }
+}

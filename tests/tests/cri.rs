@@ -6,15 +6,13 @@
 //! Needs root, KVM, containerd, the CNI plugins, the shim, the VMM, the guest kernel and
 //! initramfs (`make test` provides them all).
 
-use std::io::Read;
-use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
 
 use k8s_cri::v1::*;
 use peapod_tests::cri::{exec_stream, PEAPOD_HANDLER};
 use peapod_tests::kubelet::{ContainerSpec, Node, CONTAINER_TIMEOUT};
-use peapod_tests::{guest_kernel_release, host_kernel_release};
+use peapod_tests::{guest_kernel_release, host_kernel_release, read_until_closed};
 
 /// The leftovers check looks at host-wide things (CRI's network namespaces): tests
 /// that run pods take turns.
@@ -31,29 +29,6 @@ fn one_node_at_a_time() -> std::sync::MutexGuard<'static, ()> {
     ONE_NODE_AT_A_TIME
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
-/// What a connection from this host to `ip:port` reads before the server closes it;
-/// retried until [`CONTAINER_TIMEOUT`] (the server may still be starting).
-fn read_from(ip: Ipv4Addr, port: u16) -> String {
-    let addr = SocketAddr::from((ip, port));
-    let deadline = Instant::now() + CONTAINER_TIMEOUT;
-    loop {
-        let attempt =
-            TcpStream::connect_timeout(&addr, Duration::from_secs(2)).and_then(|mut s| {
-                s.set_read_timeout(Some(Duration::from_secs(30)))?;
-                let mut text = String::new();
-                s.read_to_string(&mut text)?;
-                Ok(text)
-            });
-        match attempt {
-            Ok(text) if !text.is_empty() => return text,
-            other if Instant::now() > deadline => {
-                panic!("nothing from {addr} within {CONTAINER_TIMEOUT:?}: last {other:?}")
-            }
-            _ => std::thread::sleep(Duration::from_millis(500)),
-        }
-    }
 }
 
 /// The memory limit of the cgroup the exec runs in, as the container sees it.
@@ -136,11 +111,8 @@ fn a_kubelet_runs_peapod_pods_beside_runc() {
     );
 
     // The host reaches the pod's port at its pod IP.
-    assert_eq!(
-        read_from(web_ip, WEB_PORT).trim(),
-        WEB_REPLY,
-        "host -> web pod"
-    );
+    let from_host = read_until_closed(SocketAddr::from((web_ip, WEB_PORT)), CONTAINER_TIMEOUT);
+    assert_eq!(from_host.trim(), WEB_REPLY, "host -> web pod");
 
     // A second peapod pod reaches the first at its pod IP.
     let client = node.run_pod("client", PEAPOD_HANDLER);
