@@ -197,6 +197,9 @@ pub(crate) struct PodState {
     slots: Slots,
     /// Set once the sandbox is being torn down: nothing new may start.
     stopping: bool,
+    /// Removals of deleted containers still under way in the guest and on the host;
+    /// Shutdown waits for them, so the shim never exits with a container half gone.
+    removals: Vec<tokio::task::JoinHandle<()>>,
 }
 
 pub struct Pod {
@@ -1003,16 +1006,17 @@ impl Pod {
             // Nothing new may start in a VM that is about to go.
             st.stopping = true;
         }
-        drop(st);
-        // containerd may stop waiting for the answer (CRI gives the Delete that follows a
-        // sandbox's exit 10 s, less than a guest here takes) and the RPC's future is then
-        // dropped. A removal cut short would leave the container out of the records but
-        // the VM running, so it runs on a task of its own and always finishes.
+        // containerd stops waiting for the answer after a while (CRI gives the Delete
+        // that follows a task's exit 10 s in all) and then never sends Shutdown, so the
+        // answer cannot wait for the guest: the container is out of the records and its
+        // exit is known, which is all the answer says. The removal runs on a task of
+        // its own and always finishes; the last task's is quick (the VM is ended, not
+        // shut down) and is awaited, so the VM is gone when the answer goes.
         let pod = Arc::clone(self);
         let task_id = id.to_string();
         let exited_at = exit.at.clone();
         let exit_status = exit.status;
-        tokio::spawn(async move {
+        let removal = tokio::spawn(async move {
             pod.remove_container(&task_id, c, vm, last).await;
             pod.publish(TaskDelete {
                 container_id: task_id,
@@ -1022,14 +1026,19 @@ impl Pod {
                 ..Default::default()
             })
             .await;
-        })
-        .await
-        .map_err(|e| {
-            err(
-                Code::INTERNAL,
-                format!("task {id}: removing it failed: {e}"),
-            )
-        })?;
+        });
+        if last {
+            drop(st);
+            removal.await.map_err(|e| {
+                err(
+                    Code::INTERNAL,
+                    format!("task {id}: removing it failed: {e}"),
+                )
+            })?;
+        } else {
+            st.removals.retain(|r| !r.is_finished());
+            st.removals.push(removal);
+        }
         Ok(delete_response(pid, &exit))
     }
 
@@ -1051,7 +1060,10 @@ impl Pod {
                     ..Default::default()
                 };
                 if let Err(e) = vm.agent.remove_container(self.agent_ctx(), &req).await {
-                    log::warn!("task {id}: RemoveContainer: {e}");
+                    // The sandbox's Delete may end the VM under a removal still going.
+                    if !*vm.gone.borrow() {
+                        log::warn!("task {id}: RemoveContainer: {e}");
+                    }
                 }
             }
             let mut st = self.state.lock().await;
@@ -1068,49 +1080,47 @@ impl Pod {
         }
     }
 
-    /// Ends the VM (the last task is gone): the agent powers the guest off; the VMM
-    /// is killed if it does not exit; the network and the pod's directory go.
+    /// Ends the VM (the last task is gone): the VMM is killed, then the network and
+    /// the pod's directory go. Nothing in the guest outlives it (writable layers are
+    /// thrown away, volumes are copies), so there is nothing a guest shutdown would
+    /// save, and on a slow host one costs seconds of a Delete's budget.
     async fn teardown_vm(self: &Arc<Self>) {
         let mut st = self.state.lock().await;
         st.stopping = true;
         let vm = st.vm.clone();
         let pod_dir = st.pod_dir.clone();
         drop(st);
-        if let Some(vm) = &vm {
-            if !*vm.gone.borrow() {
-                let _ = vm
-                    .agent
-                    .destroy_sandbox(
-                        ctx(Duration::from_secs(10)),
-                        &agent_proto::DestroySandboxRequest::new(),
-                    )
-                    .await;
-                let mut gone = vm.gone.clone();
-                if tokio::time::timeout(Duration::from_secs(10), gone.wait_for(|g| *g))
-                    .await
-                    .is_err()
-                {
-                    log::warn!(
-                        "VMM {} did not exit after DestroySandbox; killing it",
-                        vm.pid
-                    );
-                }
+        if let Some(dir) = pod_dir {
+            match tokio::task::spawn_blocking(move || cleanup_pod_dir(&dir)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => log::error!("ending the pod's VM: {e}"),
+                Err(e) => log::error!("ending the pod's VM: {e}"),
             }
         }
-        if let Some(dir) = &pod_dir {
-            let dir = dir.clone();
-            let _ = tokio::task::spawn_blocking(move || cleanup_pod_dir(&dir)).await;
+        if let Some(vm) = &vm {
+            // The supervisor reaps it and reports the exit.
+            let mut gone = vm.gone.clone();
+            if tokio::time::timeout(Duration::from_secs(5), gone.wait_for(|g| *g))
+                .await
+                .is_err()
+            {
+                log::error!("VMM {} has not been reaped 5 s after SIGKILL", vm.pid);
+            }
         }
     }
 
     /// containerd's Shutdown: the shim exits once no task is left (after ending a VM
     /// that a failed Create may have left running).
     pub(crate) async fn shutdown(self: &Arc<Self>) {
-        let st = self.state.lock().await;
+        let mut st = self.state.lock().await;
         if !(st.containers.is_empty() && st.creating.is_empty()) {
             return;
         }
+        let removals = std::mem::take(&mut st.removals);
         drop(st);
+        for r in removals {
+            let _ = r.await;
+        }
         self.teardown_vm().await;
         self.exit.signal();
     }
