@@ -21,6 +21,8 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::seccomp::{Seccomp, ThreadClass};
+
 const API_PREFIX: &str = "/api/v1/";
 /// Requests are small; anything bigger is a client bug or an attack.
 const MAX_REQUEST_BYTES: usize = 64 * 1024;
@@ -139,22 +141,22 @@ impl ApiSocket {
         &self.path
     }
 
-    /// Starts the API thread. Requests go to `calls`; `wake` tells the event loop.
+    /// Starts the API thread, under its seccomp filter. Requests go to `calls`; `wake`
+    /// tells the event loop.
     pub fn serve(
         &mut self,
         calls: mpsc::Sender<ApiCall>,
         wake: EventFd,
+        seccomp: Seccomp,
     ) -> std::io::Result<std::thread::JoinHandle<()>> {
         let listener = self.listener.take().expect("serve is called once");
-        std::thread::Builder::new()
-            .name("api".into())
-            .spawn(move || {
-                for stream in listener.incoming().flatten() {
-                    if let Err(e) = serve_connection(stream, &calls, &wake) {
-                        log::debug!("api connection: {e}");
-                    }
+        seccomp.spawn("api".into(), ThreadClass::Api, move || {
+            for stream in listener.incoming().flatten() {
+                if let Err(e) = serve_connection(stream, &calls, &wake) {
+                    log::debug!("api connection: {e}");
                 }
-            })
+            }
+        })
     }
 }
 

@@ -323,6 +323,8 @@ pub struct VmConfig {
     pub block_slots: u8,
     pub net: Option<NetConfig>,
     pub vsock: Option<VsockConfig>,
+    /// Each thread's seccomp filter (`crate::seccomp`); off only to debug the VMM.
+    pub seccomp: bool,
 }
 
 impl Default for VmConfig {
@@ -340,6 +342,7 @@ impl Default for VmConfig {
             block_slots: 0,
             net: None,
             vsock: None,
+            seccomp: true,
         }
     }
 }

@@ -14,6 +14,7 @@ pub mod logger;
 pub mod memory;
 pub mod mptable;
 pub mod platform;
+pub mod seccomp;
 pub mod vcpu;
 pub mod vm;
 

@@ -1,5 +1,6 @@
 //! `peapod-vmm --kernel vmlinux --initrd initramfs.cpio [--console stdout]
-//!   [--block path=disk.img,id=data] [--block-slots 4] [--net tap=tap0] [--vsock cid=3,socket=v.sock]`
+//!   [--block path=disk.img,id=data] [--block-slots 4] [--net tap=tap0] [--vsock cid=3,socket=v.sock]
+//!   [--no-seccomp]`
 //!
 //! Exit codes: 0 the guest or an operator stopped the VM; 1 the VM could not be
 //! built (the message says why and what to do); 2 a command-line mistake; 3 the guest
@@ -57,6 +58,11 @@ struct Cli {
     /// Hybrid vsock: `cid=<n>,socket=<path>` (host side is a unix socket)
     #[arg(long)]
     vsock: Option<VsockConfig>,
+    /// Run without the seccomp filters, to debug a VMM that a filter kills (SIGSYS):
+    /// never in production, a guest that took over a VMM thread would then have every
+    /// system call of the VMM's user
+    #[arg(long)]
+    no_seccomp: bool,
     /// error, warn, info, debug or trace
     #[arg(long, default_value = "info")]
     log_level: LevelFilter,
@@ -94,6 +100,9 @@ impl Cli {
         }
         if self.vsock.is_some() {
             c.vsock = self.vsock;
+        }
+        if self.no_seccomp {
+            c.seccomp = false;
         }
         Ok(c)
     }

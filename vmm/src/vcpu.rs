@@ -18,6 +18,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 
 use crate::exit::{ExitReason, ExitSignal};
+use crate::seccomp::{Seccomp, ThreadClass};
 
 /// SIGRTMIN + 0 kicks a vCPU thread out of KVM_RUN.
 fn kick_signal() -> i32 {
@@ -111,10 +112,12 @@ pub struct VcpuContext {
 }
 
 impl Vcpus {
-    pub fn start(fds: Vec<VcpuFd>, ctx: VcpuContext) -> Result<Self, VcpuError> {
+    /// Starts one thread per vCPU, each under its seccomp filter, held before its first
+    /// KVM_RUN until [`Vcpus::resume`].
+    pub fn start(fds: Vec<VcpuFd>, ctx: VcpuContext, seccomp: Seccomp) -> Result<Self, VcpuError> {
         let control = Arc::new(VcpuControl {
             state: Mutex::new(ControlState {
-                target: Target::Run,
+                target: Target::Pause,
                 parked: 0,
             }),
             changed: Condvar::new(),
@@ -127,9 +130,10 @@ impl Vcpus {
             let id = id as u8;
             let control = vcpus.control.clone();
             let ctx = ctx.clone();
-            let thread = std::thread::Builder::new()
-                .name(format!("vcpu{id}"))
-                .spawn(move || run_vcpu(id, fd, &control, &ctx))
+            let thread = seccomp
+                .spawn(format!("vcpu{id}"), ThreadClass::Vcpu, move || {
+                    run_vcpu(id, fd, &control, &ctx)
+                })
                 .map_err(|e| VcpuError::Spawn(id, e))?;
             vcpus.threads.push(thread);
         }

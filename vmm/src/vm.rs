@@ -33,6 +33,7 @@ use crate::layout::{KVM_IDENTITY_MAP_START, KVM_TSS_START};
 use crate::memory::{self, MemoryError};
 use crate::mptable::{self, MptableError};
 use crate::platform::Platform;
+use crate::seccomp::{Seccomp, SeccompError, ThreadClass};
 use crate::vcpu::{self, VcpuContext, Vcpus};
 
 /// Kernel command-line words the VMM always passes. `reboot=k`: the guest resets
@@ -56,6 +57,8 @@ const REQUIRED_CAPS: &[(Cap, &str)] = &[
 pub enum VmError {
     #[error(transparent)]
     Config(#[from] ConfigError),
+    #[error(transparent)]
+    Seccomp(#[from] SeccompError),
     #[error("/dev/kvm: {0} (is KVM enabled on this host, and may this user open /dev/kvm?)")]
     KvmOpen(kvm_ioctls::Error),
     #[error("this host's KVM lacks {0}, which the VMM needs")]
@@ -174,6 +177,7 @@ pub fn run(config: &VmConfig) -> Result<ExitReason, VmError> {
         .set_nonblocking(true)
         .map_err(io_err("signal pipe"))?;
     vcpu::register_kick_handler().map_err(io_err("vCPU kick handler"))?;
+    let seccomp = Seccomp::new(config.seccomp);
     let mut api_socket = ApiSocket::bind(&config.api_socket_path())?;
 
     let (api_calls, api_queue) = mpsc::channel();
@@ -182,6 +186,7 @@ pub fn run(config: &VmConfig) -> Result<ExitReason, VmError> {
         .serve(
             api_calls,
             api_wake.try_clone().map_err(io_err("api eventfd"))?,
+            seccomp,
         )
         .map_err(io_err("api thread"))?;
     timeline.mark("api and signals");
@@ -200,7 +205,7 @@ pub fn run(config: &VmConfig) -> Result<ExitReason, VmError> {
         memory: memory.clone(),
         exit: exit.clone(),
     };
-    let vcpus = Vcpus::start(vcpu_fds, ctx)?;
+    let vcpus = Vcpus::start(vcpu_fds, ctx, seccomp)?;
     let subscribers = devices.subscribers().to_vec();
     let controller = Arc::new(Mutex::new(Controller {
         devices,
@@ -218,7 +223,7 @@ pub fn run(config: &VmConfig) -> Result<ExitReason, VmError> {
             devices: Vec::new(),
         },
     }));
-    let loop_result = event_loop(controller.clone(), subscribers, &exit);
+    let loop_result = event_loop(controller.clone(), subscribers, &exit, seccomp);
 
     // Teardown, on every way out: vCPU threads joined, then the devices (the vsock
     // socket file goes with its device), the VM, guest memory and the API socket file
@@ -373,13 +378,17 @@ fn event_loop(
     controller: Arc<Mutex<Controller>>,
     devices: Vec<Arc<Mutex<dyn MutEventSubscriber + Send>>>,
     exit: &ExitSignal,
+    seccomp: Seccomp,
 ) -> Result<(), VmError> {
     let mut events: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>> =
         EventManager::new().map_err(|e| VmError::EventLoop(format!("{e:?}")))?;
-    events.add_subscriber(controller);
+    events.add_subscriber(controller.clone());
     for device in devices {
         events.add_subscriber(device);
     }
+    // Every thread is under its filter before the guest's first instruction.
+    seccomp.install(ThreadClass::Main)?;
+    lock(&controller).vcpus.resume();
     while exit.reason().is_none() {
         events
             .run()
