@@ -66,6 +66,9 @@ pub struct Config {
     /// Raise both on hosts whose KVM emulates guest kernel code, where a container's
     /// creation takes tens of seconds.
     pub agent_timeout_secs: u64,
+    /// The VMM's seccomp filters; `false` passes `--no-seccomp`, to debug a VMM that
+    /// its filter kills (SIGSYS). Never in production.
+    pub vmm_seccomp: bool,
 }
 
 impl Default for Config {
@@ -87,6 +90,7 @@ impl Default for Config {
             kernel_cmdline: String::new(),
             boot_timeout_secs: 120,
             agent_timeout_secs: 60,
+            vmm_seccomp: true,
         }
     }
 }

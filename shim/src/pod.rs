@@ -458,8 +458,16 @@ impl Pod {
             return;
         };
         if !st.stopping {
+            use std::os::unix::process::ExitStatusExt;
+            let why = if status.and_then(|s| s.signal()) == Some(libc::SIGSYS) {
+                " A VMM thread made a system call outside its seccomp filter: the \
+                 kernel's audit log names it (`dmesg | grep type=1326`); \
+                 vmm_seccomp = false in the peapod config runs without filters, to debug."
+            } else {
+                ""
+            };
             log::error!(
-                "the pod's VMM {} exited ({status:?}) while its tasks ran: {}",
+                "the pod's VMM {} exited ({status:?}) while its tasks ran.{why} {}",
                 vm.pid,
                 vmm::log_tail(&vm.paths, 2000)
             );

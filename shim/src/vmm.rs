@@ -154,6 +154,9 @@ fn command(spec: &VmSpec) -> Result<Command, VmmError> {
     if !cmdline.trim().is_empty() {
         cmd.args(["--cmdline", cmdline.trim()]);
     }
+    if !c.vmm_seccomp {
+        cmd.arg("--no-seccomp");
+    }
     let tap_fd = spec.tap.map(|(fd, mac)| {
         cmd.arg("--net").arg(format!("fd={TAP_FD},mac={mac}"));
         fd.as_raw_fd()
