@@ -380,6 +380,11 @@ impl Containerd {
         self.wait_ready(READY_TIMEOUT);
     }
 
+    /// Whether containerd's log (the shims' lines included) holds `needle` anywhere.
+    pub fn log_contains(&self, needle: &str) -> bool {
+        std::fs::read_to_string(&self.log).is_ok_and(|t| t.contains(needle))
+    }
+
     /// The last lines of containerd's log, headed by its path.
     pub fn log_tail(&self) -> String {
         let text = std::fs::read_to_string(&self.log).unwrap_or_default();

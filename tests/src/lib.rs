@@ -26,6 +26,7 @@ pub mod memory;
 pub mod netns;
 pub mod oci_image;
 pub mod probe;
+pub mod threads;
 pub mod vsock;
 
 /// A boot here takes about 15 s; this leaves room for a loaded machine.

@@ -294,6 +294,8 @@ fn block_slots_vsock_and_a_hostile_host_on_one_vm() {
     // and keep serving; the other devices must keep working.
     scribble_over_block_queue(&mut vm, &probe);
 
+    // All of it ran, and the VMM lived, with every thread under its filter.
+    peapod_tests::threads::assert_all_filtered(vm.pid());
     shut_down(vm);
     assert!(
         !uds.exists(),
@@ -508,6 +510,7 @@ fn net_between_guest_and_a_peer_namespace() {
         });
         assert_eq!(result, Ok(NET_BYTES), "peer -> guest TCP echo");
 
+        peapod_tests::threads::assert_all_filtered(vm.pid());
         drop(server);
         shut_down(vm);
         // The fixture goes last: a namespace lives on while the VMM is in it.

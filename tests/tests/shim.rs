@@ -557,19 +557,36 @@ fn peapod_task_survives_containerd_restart() {
     h.finish();
 }
 
-/// (e) The VMM dies under a running task: the task stops with a failure status.
+/// (e) A vCPU thread of the pod's VMM makes a system call outside its seccomp filter
+/// (as a guest that took it over would): the VMM dies of SIGSYS, the task stops with a
+/// failure status, and the shim's log says why.
 #[test]
-fn peapod_vmm_killed_stops_task() {
+fn peapod_vmm_killed_by_its_filter_stops_task() {
+    require_root();
     let h = Harness::peapod(&[]);
     h.run_detached("c5", &[], &["sleep", "1000"]);
     let vmms = h.host_now().pids_named(VMM_NAME);
     assert_eq!(vmms.len(), 1, "VMMs for one pod");
-    // SAFETY: kill(2) has no memory-safety preconditions; the pid is this pod's VMM.
-    let rc = unsafe { libc::kill(vmms[0], libc::SIGKILL) };
-    assert_eq!(rc, 0, "kill VMM {}", vmms[0]);
+    peapod_tests::threads::assert_all_filtered(vmms[0]);
+    let vcpu = peapod_tests::threads::thread_named(vmms[0], "vcpu0");
+    let outcome = peapod_tests::threads::make_thread_call(
+        vcpu,
+        libc::SYS_socket,
+        [libc::AF_INET as u64, libc::SOCK_STREAM as u64, 0],
+        STOP_TIMEOUT,
+    );
+    assert_eq!(
+        outcome,
+        peapod_tests::threads::CallOutcome::Killed(libc::SIGSYS)
+    );
     h.ctd.wait_task_status("c5", "STOPPED", STOP_TIMEOUT);
     let status = h.ctd.delete_task("c5");
     assert_ne!(status, 0, "a task whose VM died reports success");
+    assert!(
+        h.ctd.log_contains("outside its seccomp filter"),
+        "the shim does not say why the VMM died:\n{}",
+        h.ctd.log_tail()
+    );
     h.ctd.ctr_ok(&["container", "delete", "c5"]);
     h.finish();
 }

@@ -1,0 +1,68 @@
+//! The VMM as the wall between a hostile guest and the node: every thread under its
+//! seccomp filter, and a thread that leaves it takes the VMM down.
+
+use std::os::unix::process::ExitStatusExt;
+use std::time::Duration;
+
+use peapod_tests::threads::{
+    assert_all_filtered, make_thread_call, seccomp_mode, thread_named, threads, CallOutcome,
+};
+use peapod_tests::{api, require_root, VmmProcess};
+
+/// The VMM's thread names: the event loop keeps the binary's name.
+const CLASSES: [&str; 3] = ["peapod-vmm", "api", "vcpu0"];
+/// socket(AF_INET, SOCK_STREAM): no VMM thread may open a network socket.
+const INET_SOCKET: [u64; 3] = [libc::AF_INET as u64, libc::SOCK_STREAM as u64, 0];
+const KILL_TIMEOUT: Duration = Duration::from_secs(30);
+
+fn started(args: &[&str]) -> VmmProcess {
+    let mut vm = VmmProcess::start(args);
+    vm.wait_for_api(Duration::from_secs(30));
+    // The API answers once the event loop runs, after every filter is in.
+    assert_eq!(api(&vm.api_socket, "GET", "/api/v1/vm.info").0, 200);
+    vm
+}
+
+#[test]
+fn a_vmm_thread_that_leaves_its_filter_kills_the_vmm() {
+    require_root();
+    for class in CLASSES {
+        let mut vm = started(&[]);
+        assert_all_filtered(vm.pid());
+        let tid = thread_named(vm.pid(), class);
+        let outcome = make_thread_call(tid, libc::SYS_socket, INET_SOCKET, KILL_TIMEOUT);
+        assert_eq!(outcome, CallOutcome::Killed(libc::SIGSYS), "{class}");
+        let status = vm.wait_exit(KILL_TIMEOUT);
+        assert_eq!(
+            status.signal(),
+            Some(libc::SIGSYS),
+            "{class}: the VMM should die of SIGSYS, not {status}\n{}",
+            vm.stderr()
+        );
+    }
+}
+
+#[test]
+fn without_filters_the_vmm_says_so() {
+    let mut vm = started(&["--no-seccomp"]);
+    for (tid, name) in threads(vm.pid()) {
+        assert_eq!(seccomp_mode(vm.pid(), tid), 0, "thread {name}");
+    }
+    // The call that kills a filtered VMM is made, and the VMM runs on.
+    let api_thread = thread_named(vm.pid(), "api");
+    let outcome = make_thread_call(
+        api_thread,
+        libc::SYS_socket,
+        INET_SOCKET,
+        Duration::from_secs(2),
+    );
+    assert_eq!(outcome, CallOutcome::Survived);
+    assert_eq!(api(&vm.api_socket, "PUT", "/api/v1/vm.shutdown").0, 204);
+    let status = vm.wait_exit(Duration::from_secs(30));
+    let log = vm.stderr();
+    assert!(status.success(), "{status}\n{log}");
+    assert!(
+        log.contains("seccomp filters are OFF (--no-seccomp)"),
+        "no warning that the filters are off:\n{log}"
+    );
+}
