@@ -2,7 +2,9 @@
 //! - VMM process start to the first KVM_RUN (target under 5 ms),
 //! - spawn to the agent's ready line, Peapod against QEMU's `microvm` machine booting
 //!   the same kernel, initramfs and command line (ratio, target at most 1.0),
-//! - the VMM's RSS outside guest memory once the guest is ready (target under 5 MiB).
+//! - the VMM's RSS outside guest memory once the guest is ready (target under 5 MiB),
+//! - the cost of the seccomp filters: both figures above with `--no-seccomp` against
+//!   the default, alternated in the same run (target: within 5%).
 //!
 //! `cargo bench -p peapod-tests --bench boot` (or `make bench`). PEAPOD_BENCH_RUNS sets
 //! the number of boots per VMM (default 3); the start-up figure takes 20 samples.
@@ -39,8 +41,18 @@ fn stop(mut child: Child) {
     }
 }
 
-fn peapod_command(dir: &std::path::Path, console: &str) -> Command {
+/// Whether the VMM runs with its seccomp filters (the default) or `--no-seccomp`.
+#[derive(Clone, Copy, PartialEq)]
+enum Filters {
+    On,
+    Off,
+}
+
+fn peapod_command(dir: &std::path::Path, console: &str, filters: Filters) -> Command {
     let mut c = Command::new(vmm_binary());
+    if filters == Filters::Off {
+        c.arg("--no-seccomp");
+    }
     c.arg("--kernel")
         .arg(kernel())
         .arg("--initrd")
@@ -56,8 +68,8 @@ fn peapod_command(dir: &std::path::Path, console: &str) -> Command {
 
 /// Starts Peapod, returns what follows `marker` in the first log line that has it, and
 /// stops the VMM.
-fn logged_value(dir: &std::path::Path, console: &str, marker: &str) -> String {
-    let mut child = peapod_command(dir, console)
+fn logged_value(dir: &std::path::Path, console: &str, marker: &str, filters: Filters) -> String {
+    let mut child = peapod_command(dir, console, filters)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -71,9 +83,9 @@ fn logged_value(dir: &std::path::Path, console: &str, marker: &str) -> String {
 }
 
 /// Spawn-to-first-KVM_RUN, from the VMM's log line that stamps CLOCK_MONOTONIC.
-fn startup_once(dir: &std::path::Path) -> Duration {
+fn startup_once(dir: &std::path::Path, filters: Filters) -> Duration {
     let t0 = monotonic_ns();
-    let ns: u128 = logged_value(dir, "off", "first KVM_RUN at monotonic_ns=")
+    let ns: u128 = logged_value(dir, "off", "first KVM_RUN at monotonic_ns=", filters)
         .trim()
         .parse()
         .unwrap();
@@ -126,7 +138,7 @@ fn median(mut v: Vec<Duration>) -> Duration {
 /// The command line Peapod gives the kernel with the console on, so that QEMU boots
 /// exactly the same guest.
 fn peapod_cmdline(dir: &std::path::Path) -> String {
-    logged_value(dir, "/dev/null", "kernel command line: ")
+    logged_value(dir, "/dev/null", "kernel command line: ", Filters::On)
 }
 
 fn qemu_command(cmdline: &str) -> Command {
@@ -175,20 +187,24 @@ fn main() {
         .unwrap_or(3);
     let dir = tempfile::tempdir().unwrap();
 
-    let startup: Vec<Duration> = (0..STARTUP_SAMPLES)
-        .map(|_| startup_once(dir.path()))
-        .collect();
+    // Alternate, so drift in this shared machine's speed hits both alike.
+    let (mut startup, mut startup_bare) = (Vec::new(), Vec::new());
+    for _ in 0..STARTUP_SAMPLES {
+        startup.push(startup_once(dir.path(), Filters::On));
+        startup_bare.push(startup_once(dir.path(), Filters::Off));
+    }
     let mut sorted = startup.clone();
     sorted.sort();
 
     let cmdline = peapod_cmdline(dir.path());
-    let (mut peapod, mut qemu) = (Vec::new(), Vec::new());
+    let (mut peapod, mut bare, mut qemu) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..runs {
-        // Alternate, so drift in this shared machine's speed hits both alike.
-        peapod.push(measure(peapod_command(dir.path(), "stdout")));
+        peapod.push(measure(peapod_command(dir.path(), "stdout", Filters::On)));
+        bare.push(measure(peapod_command(dir.path(), "stdout", Filters::Off)));
         qemu.push(measure(qemu_command(&cmdline)));
     }
     let p_ready = median(peapod.iter().map(|b| b.ready).collect());
+    let b_ready = median(bare.iter().map(|b| b.ready).collect());
     let q_ready = median(qemu.iter().map(|b| b.ready).collect());
     let p_rss = peapod.iter().map(|b| b.rss_outside_kib).max().unwrap();
     let q_rss = qemu.iter().map(|b| b.rss_outside_kib).max().unwrap();
@@ -216,14 +232,26 @@ fn main() {
         p_rss as f64 / 1024.0,
         q_rss as f64 / 1024.0
     );
+    let bare_startup = median(startup_bare);
     println!(
-        "per run (s): peapod {:?}; qemu {:?}",
-        peapod
+        "seccomp filters          start to first KVM_RUN {:.2} ms with, {:.2} ms without, ratio {:.3}; spawn to ready {:.2} s with, {:.2} s without, ratio {:.3}   target <= 1.05",
+        ms(sorted[sorted.len() / 2]),
+        ms(bare_startup),
+        sorted[sorted.len() / 2].as_secs_f64() / bare_startup.as_secs_f64(),
+        p_ready.as_secs_f64(),
+        b_ready.as_secs_f64(),
+        p_ready.as_secs_f64() / b_ready.as_secs_f64()
+    );
+    let per_run = |boots: &[Boot]| {
+        boots
             .iter()
             .map(|b| (b.ready.as_secs_f64() * 100.0).round() / 100.0)
-            .collect::<Vec<_>>(),
-        qemu.iter()
-            .map(|b| (b.ready.as_secs_f64() * 100.0).round() / 100.0)
             .collect::<Vec<_>>()
+    };
+    println!(
+        "per run (s): peapod {:?}; peapod --no-seccomp {:?}; qemu {:?}",
+        per_run(&peapod),
+        per_run(&bare),
+        per_run(&qemu)
     );
 }
