@@ -12,9 +12,11 @@
 //! its activation eventfd.
 
 pub mod block;
+/// The fuzz targets' cases (vmm/fuzz), on the synthetic driver.
+#[cfg(any(test, feature = "test-utils"))]
+pub mod fuzzing;
 pub mod mmio;
 pub mod net;
-
 pub mod rng;
 pub mod single_queue;
 /// The synthetic driver, for unit tests and the device benchmark.

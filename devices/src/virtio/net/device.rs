@@ -191,7 +191,7 @@ impl Net {
     }
 
     /// Sends every frame the guest queued for transmission.
-    pub(super) fn process_tx(&mut self) {
+    pub(crate) fn process_tx(&mut self) {
         let Some(active) = self.active.as_mut().filter(|_| !self.broken) else {
             return;
         };
@@ -208,7 +208,7 @@ impl Net {
 
     /// Moves frames from the backend into the guest's receive buffers until the
     /// backend is empty, the budget is spent, or the guest runs out of buffers.
-    pub(super) fn process_rx(&mut self) {
+    pub(crate) fn process_rx(&mut self) {
         if self.broken {
             return;
         }
