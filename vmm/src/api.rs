@@ -216,6 +216,30 @@ fn parse_request(buf: &[u8]) -> Result<Option<(HttpRequest, usize)>, HttpError> 
     )))
 }
 
+/// What a connection's bytes ask for, request by request, parsed and routed as the API
+/// thread does it (without the socket and the event loop): each request, or the HTTP
+/// status of the error it is answered with. Stops where the connection would close or
+/// wait for more bytes. The fuzz target `api_requests` drives it.
+pub fn requests_in(mut buf: &[u8]) -> Vec<Result<ApiRequest, u16>> {
+    let mut out = Vec::new();
+    loop {
+        match parse_request(buf) {
+            Err(HttpError(status, _)) => {
+                out.push(Err(status));
+                return out;
+            }
+            Ok(None) => return out,
+            Ok(Some((req, used))) => {
+                out.push(route(&req.method, &req.path, &req.body).map_err(|e| e.0));
+                buf = &buf[used..];
+                if !req.keep_alive {
+                    return out;
+                }
+            }
+        }
+    }
+}
+
 fn route(method: &str, path: &str, body: &[u8]) -> Result<ApiRequest, HttpError> {
     let action = path.strip_prefix(API_PREFIX).ok_or_else(|| {
         HttpError(
@@ -383,6 +407,24 @@ mod tests {
         assert_eq!(parse_request(bad_len).err().unwrap().0, 400);
         let huge = b"PUT /x HTTP/1.1\r\nContent-Length: 999999999\r\n\r\n";
         assert_eq!(parse_request(huge).err().unwrap().0, 413);
+    }
+
+    #[test]
+    fn a_stream_of_requests_is_taken_one_by_one_until_close() {
+        let stream = b"GET /api/v1/vm.info HTTP/1.1\r\n\r\n\
+            PUT /api/v1/block.clear HTTP/1.1\r\nContent-Length: 10\r\n\r\n{\"slot\":2}\
+            GET /nowhere HTTP/1.1\r\nConnection: close\r\n\r\n\
+            GET /api/v1/vm.info HTTP/1.1\r\n\r\n";
+        assert_eq!(
+            requests_in(stream),
+            vec![
+                Ok(ApiRequest::Info),
+                Ok(ApiRequest::BlockClear(BlockClear { slot: 2 })),
+                Err(404)
+            ]
+        );
+        assert_eq!(requests_in(b"\x00garbage\r\n\r\n"), vec![Err(400)]);
+        assert_eq!(requests_in(b"GET /api/v1/vm.info HTTP/1.1\r\n"), vec![]);
     }
 
     #[test]
