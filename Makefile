@@ -13,7 +13,10 @@ SHIM := target/release/containerd-shim-peapod-v2
 ARTEFACTS = PEAPOD_KERNEL="$$(kernel-config/build.sh)" PEAPOD_INITRD="$$(rootfs/build.sh)" \
 	PEAPOD_VMM="$(CURDIR)/$(VMM)" PEAPOD_SHIM="$(CURDIR)/$(SHIM)"
 
-.PHONY: demo boot test bench deps lint build install
+.PHONY: demo boot test bench deps lint build install fuzz
+# Seconds per fuzz target: a smoke run in `make test`, a real one in `make fuzz`.
+FUZZ_SMOKE_SECONDS ?= 10
+FUZZ_SECONDS ?= 600
 
 ## demo: on a fresh machine, install what is missing, build everything, start a private
 ## containerd with CRI, CNI and peapod, run a pod in a microVM over CRI, print what its
@@ -32,10 +35,17 @@ boot: deps build
 install: build
 	shim/deploy/install.sh $(SHIM) $(VMM) "$$(kernel-config/build.sh)" "$$(rootfs/build.sh)"
 
-## test: lints, unit tests and the integration tests that boot real guests under KVM.
+## test: lints, unit tests, the integration tests that boot real guests under KVM, and
+## every fuzz target for a few seconds.
 test: deps lint build
 	$(ARTEFACTS) PEAPOD_TEST_INITRD="$$(rootfs/build-test.sh)" \
 	$(CARGO) test --release --workspace --lib --bins --tests
+	vmm/fuzz/run.sh $(FUZZ_SMOKE_SECONDS)
+
+## fuzz: every fuzz target (guest memory into each device, MMIO registers, vsock
+## packets, the control API) for FUZZ_SECONDS each, under AddressSanitizer.
+fuzz:
+	vmm/fuzz/run.sh $(FUZZ_SECONDS)
 
 ## bench: boot figures against QEMU's microvm, the devices' cost against raw system
 ## calls, each measured in one run, a container's start in a guest, and pods over CRI
@@ -55,6 +65,7 @@ deps:
 
 lint:
 	$(CARGO) fmt --check
+	$(CARGO) fmt --check --manifest-path vmm/fuzz/Cargo.toml
 	$(CARGO) clippy --all-targets --all-features -- -D warnings
 
 build:
