@@ -1,6 +1,8 @@
 //! Log lines on stderr: `peapod-vmm[<pid>] <level> <target>: <message>`. The shim
 //! collects the VMM's stderr, so one line per event with the pid is what it needs.
 
+use std::io::Write;
+
 use log::{LevelFilter, Log, Metadata, Record};
 
 struct StderrLogger;
@@ -12,12 +14,15 @@ impl Log for StderrLogger {
 
     fn log(&self, record: &Record) {
         if self.enabled(record.metadata()) {
-            eprintln!(
-                "peapod-vmm[{}] {} {}",
+            // Not eprintln!, which panics when stderr is gone (a reader that went away):
+            // a lost log line must not take the VM down. One write per line.
+            let line = format!(
+                "peapod-vmm[{}] {} {}\n",
                 std::process::id(),
                 record.level(),
                 record.args()
             );
+            let _ = std::io::stderr().lock().write_all(line.as_bytes());
         }
     }
 
