@@ -66,3 +66,36 @@ fn without_filters_the_vmm_says_so() {
         "no warning that the filters are off:\n{log}"
     );
 }
+
+/// A SIGTERM's handler sends on the VMM's signal pipe, which only the event loop may:
+/// the other threads block SIGTERM and SIGINT, so a stop always lands there and ends
+/// the VMM cleanly instead of tripping a filter.
+#[test]
+fn stop_signals_go_to_the_event_loop_only() {
+    let mut vm = started(&[]);
+    let blocked = |tid: i32| {
+        let status = std::fs::read_to_string(format!("/proc/{}/task/{tid}/status", vm.pid()))
+            .unwrap_or_else(|e| panic!("status of {tid}: {e}"));
+        let mask = status
+            .lines()
+            .find_map(|l| l.strip_prefix("SigBlk:"))
+            .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+            .unwrap_or_else(|| panic!("no SigBlk for {tid}:\n{status}"));
+        let bit = |sig: i32| mask & (1 << (sig - 1)) != 0;
+        bit(libc::SIGTERM) && bit(libc::SIGINT)
+    };
+    for (tid, name) in threads(vm.pid()) {
+        let expected = name != "peapod-vmm";
+        assert_eq!(
+            blocked(tid),
+            expected,
+            "thread {name} blocks SIGTERM/SIGINT"
+        );
+    }
+    // SAFETY: kill(2) on our own child's pid.
+    assert_eq!(unsafe { libc::kill(vm.pid(), libc::SIGTERM) }, 0);
+    let status = vm.wait_exit(KILL_TIMEOUT);
+    let log = vm.stderr();
+    assert!(status.success(), "{status}\n{log}");
+    assert!(log.contains("stopped by SIGTERM"), "{log}");
+}

@@ -80,6 +80,7 @@ impl Seccomp {
     {
         let (installed, result) = mpsc::sync_channel(1);
         let thread = std::thread::Builder::new().name(name).spawn(move || {
+            block_stop_signals();
             let r = self.install(class);
             let ok = r.is_ok();
             let _ = installed.send(r);
@@ -94,6 +95,20 @@ impl Seccomp {
                 "the {class:?} thread ended before installing its seccomp filter"
             ))),
         }
+    }
+}
+
+/// SIGTERM and SIGINT go to the event loop's thread: their handler sends on the signal
+/// pipe, which a vCPU thread's filter does not allow (and need not).
+fn block_stop_signals() {
+    // SAFETY: sigemptyset/sigaddset on a local set, then pthread_sigmask for the calling
+    // thread only; no pointer outlives the calls.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
     }
 }
 
