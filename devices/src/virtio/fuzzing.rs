@@ -4,7 +4,7 @@
 //! it. A case may fail every request; it must never panic, hang or touch memory outside
 //! the guest's. The unit tests run each case on a few fixed inputs.
 
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixDatagram;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -13,7 +13,8 @@ use virtio_queue::Queue;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::block::{Block, BlockBacking};
-use super::net::{Net, NetBackend, TapError};
+use super::net::fake_tap::FakeTap;
+use super::net::Net;
 use super::test_utils::{activation, interrupt, TestQueue};
 use super::vsock::{PacketHeader, Vsock, VsockBackend, VsockMuxer};
 use super::{MmioTransport, VirtioDevice};
@@ -84,39 +85,6 @@ pub fn block_queue(data: &[u8]) {
     }
 }
 
-/// A tap stand-in: one datagram per frame, non-blocking, like a tap.
-struct FuzzTap(UnixDatagram);
-
-impl std::io::Read for FuzzTap {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        self.0.recv(buf)
-    }
-}
-
-impl std::io::Write for FuzzTap {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.send(buf)
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl AsRawFd for FuzzTap {
-    fn as_raw_fd(&self) -> RawFd {
-        self.0.as_raw_fd()
-    }
-}
-
-impl NetBackend for FuzzTap {
-    fn name(&self) -> &str {
-        "fuzz0"
-    }
-    fn set_offload(&mut self, _: libc::c_uint) -> Result<(), TapError> {
-        Ok(())
-    }
-}
-
 /// virtio-net: what the guest transmits, and a frame from the host (the input's bytes
 /// at `RX_FRAME_AT`) into the buffers it posted.
 pub fn net_queues(data: &[u8]) {
@@ -125,7 +93,11 @@ pub fn net_queues(data: &[u8]) {
     ours.set_nonblocking(true).expect("non-blocking");
     peer.set_nonblocking(true).expect("non-blocking");
     let mac = [0x02, 0x50, 0x45, 0x41, 0x50, 0x01];
-    let mut net = Net::with_backend(Box::new(FuzzTap(ours)), mac, interrupt()).expect("net");
+    let tap = FakeTap {
+        sock: ours,
+        offload: Arc::default(),
+    };
+    let mut net = Net::with_backend(Box::new(tap), mac, interrupt()).expect("net");
     if let Some(frame) = data.get(RX_FRAME_AT..) {
         let _ = peer.send(&frame[..frame.len().min(1600)]);
     }

@@ -22,5 +22,8 @@ pub(crate) trait NetBackend:
     fn set_offload(&mut self, tun_flags: libc::c_uint) -> Result<(), TapError>;
 }
 
+/// A socket-pair tap for the unit tests and the fuzz cases.
+#[cfg(any(test, feature = "test-utils"))]
+pub(crate) mod fake_tap;
 #[cfg(test)]
 mod tests;

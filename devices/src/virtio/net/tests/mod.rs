@@ -14,6 +14,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::device::{tun_offload, FEATURES, HDR_LEN, MAX_FRAME_LEN, MAX_PACKET_LEN, RX_BUDGET};
+use super::fake_tap::FakeTap;
 use super::{Net, NetBackend, NetError, NetStats, Tap, TapError};
 use crate::virtio::test_utils::*;
 use crate::virtio::{VirtioDevice, F_RING_EVENT_IDX, F_VERSION_1, TYPE_NET};
@@ -27,44 +28,6 @@ const VRING_USED_F_NO_NOTIFY: u16 = 1;
 mod live;
 mod rx;
 mod tx;
-
-struct FakeTap {
-    sock: UnixDatagram,
-    offload: Arc<Mutex<Option<libc::c_uint>>>,
-}
-
-impl Read for FakeTap {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.sock.recv(buf)
-    }
-}
-
-impl Write for FakeTap {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.sock.send(buf)
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
-
-impl AsRawFd for FakeTap {
-    fn as_raw_fd(&self) -> RawFd {
-        self.sock.as_raw_fd()
-    }
-}
-
-impl NetBackend for FakeTap {
-    fn name(&self) -> &str {
-        "fake0"
-    }
-
-    fn set_offload(&mut self, tun_flags: libc::c_uint) -> Result<(), TapError> {
-        *self.offload.lock().unwrap() = Some(tun_flags);
-        Ok(())
-    }
-}
 
 struct Harness<'a> {
     rx: TestQueue<'a>,
