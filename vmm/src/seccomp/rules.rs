@@ -59,7 +59,7 @@ fn plain(nrs: &[i64]) -> Rules {
 }
 
 /// What every thread of a Rust program on glibc does: allocate, lock, log to stderr,
-/// handle a signal, end (and abort, on a panic).
+/// handle a signal, end (tgkill, for abort, is per class: see [`rules`]).
 fn common() -> Result<Rules, Error> {
     let mut r = plain(&[
         libc::SYS_brk,
@@ -87,8 +87,6 @@ fn common() -> Result<Rules, Error> {
     ]);
     r.push(no_exec(libc::SYS_mmap)?);
     r.push(no_exec(libc::SYS_mprotect)?);
-    // abort() on a panic raises SIGABRT at itself.
-    r.push((libc::SYS_tgkill, any_of(2, &[libc::SIGABRT as u64])?));
     Ok(r)
 }
 
@@ -176,15 +174,14 @@ pub fn rules(class: &str) -> Result<Rules, Error> {
         "api" => api_thread()?,
         other => panic!("no seccomp rules for thread class {other}"),
     };
+    // abort() on a panic raises SIGABRT at itself; the main thread also kicks vCPUs
+    // with SIGRTMIN (glibc's first free one, 34).
+    let own_signals: &[u64] = match class {
+        "main" => &[libc::SIGABRT as u64, libc::SIGRTMIN() as u64],
+        _ => &[libc::SIGABRT as u64],
+    };
     let mut all = common()?;
-    if class == "main" {
-        // The main thread kicks vCPUs with SIGRTMIN (glibc's first free one, 34).
-        all.retain(|(nr, _)| *nr != libc::SYS_tgkill);
-        all.push((
-            libc::SYS_tgkill,
-            any_of(2, &[libc::SIGABRT as u64, libc::SIGRTMIN() as u64])?,
-        ));
-    }
+    all.push((libc::SYS_tgkill, any_of(2, own_signals)?));
     for (nr, rules) in own {
         assert!(
             !all.iter().any(|(n, _)| *n == nr),
