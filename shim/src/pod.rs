@@ -1099,10 +1099,9 @@ impl Pod {
         let pod_dir = st.pod_dir.clone();
         drop(st);
         if let Some(dir) = pod_dir {
-            match tokio::task::spawn_blocking(move || cleanup_pod_dir(&dir)).await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => log::error!("ending the pod's VM: {e}"),
-                Err(e) => log::error!("ending the pod's VM: {e}"),
+            let ended = tokio::task::spawn_blocking(move || cleanup_pod_dir(&dir)).await;
+            if let Err(e) = ended.map_err(std::io::Error::other).and_then(|r| r) {
+                log::error!("ending the pod's VM: {e}");
             }
         }
         if let Some(vm) = &vm {
