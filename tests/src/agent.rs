@@ -26,8 +26,9 @@ use peapod_agent_protocol::{
 
 use crate::vsock::vsock_connect;
 
-/// The deadline of each call: generous, every guest syscall costs ~1000x here.
-pub const DEFAULT_RPC_TIMEOUT: Duration = Duration::from_secs(60);
+/// The deadline of each call: generous, every guest syscall costs ~1000x here, and a
+/// container's creation took 138 s on a loaded 2-core machine.
+pub const DEFAULT_RPC_TIMEOUT: Duration = Duration::from_secs(240);
 /// How often [`AgentConn::connect`] retries while the guest boots.
 pub const CONNECT_RETRY: Duration = Duration::from_millis(200);
 

@@ -13,7 +13,7 @@
 //! d. Container c2 (tmpfs upper) running `sleep`: an exec fed through stdin, an exec
 //!    on a terminal, execs into a missing and into a stopped container (errors naming
 //!    them), SIGKILL seen as 137 / signal 9.
-//! e. Container c3 under a 32 MiB memory limit grows a shell string until the kernel
+//! e. Container c3 under a 16 MiB memory limit grows a shell string until the kernel
 //!    kills it: a `GetOomEvent` long poll started before it reports c3.
 //! f. Container c4 does some work and keeps its memory: `StatsContainer` sees memory,
 //!    CPU time and pids; `ListPids` has its process. It stays running.
@@ -53,10 +53,11 @@ const MEMORY_MIB: &str = "256";
 const SLOTS: &str = "8";
 const HOSTNAME: &str = "peapod-test";
 /// Reading a process's output to its end, and waiting for slow processes.
-const IO_TIMEOUT: Duration = Duration::from_secs(120);
-/// The OOM container: growing a string to 32 MiB pages in a lot on this host.
-const OOM_TIMEOUT: Duration = Duration::from_secs(300);
-const MEMORY_LIMIT: u64 = 32 << 20;
+const IO_TIMEOUT: Duration = Duration::from_secs(240);
+/// The OOM container: every page it touches is a guest page fault, ~30 ms each here
+/// (32 MiB took 290 s): a small limit, and a long deadline.
+const OOM_TIMEOUT: Duration = Duration::from_secs(600);
+const MEMORY_LIMIT: u64 = 16 << 20;
 const UPPER_TMPFS: u64 = 64 << 20;
 const SIGKILL: u32 = 9;
 
@@ -176,10 +177,17 @@ fn signal(conn: &AgentConn, container_id: &str, signal: u32, all: bool) {
         .unwrap_or_else(|e| panic!("SignalProcess {container_id} {signal}: {}", error_text(&e)));
 }
 
-fn wait(conn: &AgentConn, container_id: &str, exec_id: &str, timeout: Duration) -> WaitResponse {
+/// The process's exit; an error (for [`step`], which prints the agent's log with it)
+/// if it does not come within `timeout`.
+fn wait(
+    conn: &AgentConn,
+    container_id: &str,
+    exec_id: &str,
+    timeout: Duration,
+) -> Result<WaitResponse, String> {
     conn.with_timeout(timeout)
         .wait_process(&AgentConn::process(container_id, exec_id))
-        .unwrap_or_else(|e| panic!("WaitProcess {container_id}/{exec_id}: {}", error_text(&e)))
+        .map_err(|e| format!("WaitProcess {container_id}/{exec_id}: {}", error_text(&e)))
 }
 
 fn remove(conn: &AgentConn, id: &str) {
@@ -226,8 +234,12 @@ fn step<T>(
             format!("{name}-{n}")
         };
         let mark = log.mark();
+        let started = Instant::now();
         let failure = match attempt(&id) {
-            Ok(v) => return v,
+            Ok(v) => {
+                eprintln!("{id}: done in {:.1?}", started.elapsed());
+                return v;
+            }
             Err(e) => e,
         };
         match log.platform_fault_since(mark, Duration::from_secs(2)) {
@@ -245,6 +257,17 @@ fn step<T>(
         }
     }
     unreachable!("the last attempt returns or panics")
+}
+
+/// Prints the agent's log if the test fails while it is in scope.
+struct DumpOnPanic<'a>(&'a GuestLog);
+
+impl Drop for DumpOnPanic<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("--- agent log ---\n{}", self.0.text());
+        }
+    }
 }
 
 fn check(ok: bool, what: String) -> Result<(), String> {
@@ -272,6 +295,7 @@ fn the_agent_runs_containers_on_one_vm() {
     let mut vm = start_vm(&uds);
     let conn = connect(&mut vm, &uds);
     let log = GuestLog::attach(&uds).expect("attaching to the agent's log");
+    let _dump = DumpOnPanic(&log);
     let release = guest_kernel_release();
 
     // (a) Version and Health.
@@ -333,7 +357,7 @@ fn the_agent_runs_containers_on_one_vm() {
             conn.start_container(&AgentConn::container(id)),
         );
         assert!(started.pid > 1, "c1's pid {}", started.pid);
-        let exit = wait(&conn, id, "", IO_TIMEOUT);
+        let exit = wait(&conn, id, "", IO_TIMEOUT)?;
         let (out, err) = (text(&out.join().unwrap()), text(&err.join().unwrap()));
         check(
             out == format!("hello\n{release}\n{APP_LAYER_CONTENT}"),
@@ -385,7 +409,7 @@ fn the_agent_runs_containers_on_one_vm() {
         std::io::Write::write_all(&mut stdin, b"ping\n").unwrap();
         stdin.shutdown(Shutdown::Write).unwrap();
         let got = text(&read_all_with_timeout(&mut stdout, IO_TIMEOUT));
-        let exit = wait(&conn, c2, exec_id, IO_TIMEOUT);
+        let exit = wait(&conn, c2, exec_id, IO_TIMEOUT)?;
         check(
             got == "ping\ndone\n",
             format!("e1's stdout {got:?} (exit {exit:?})"),
@@ -409,7 +433,7 @@ fn the_agent_runs_containers_on_one_vm() {
         let mut stdout =
             attach(&uds, StdioStream::Stdout, c2, exec_id).expect("attaching e2's tty");
         let got = text(&read_all_with_timeout(&mut stdout, IO_TIMEOUT));
-        let exit = wait(&conn, c2, exec_id, IO_TIMEOUT);
+        let exit = wait(&conn, c2, exec_id, IO_TIMEOUT)?;
         check(
             got.contains("/dev/pts/"),
             format!("e2 has a terminal: {got:?} (exit {exit:?})"),
@@ -429,7 +453,7 @@ fn the_agent_runs_containers_on_one_vm() {
 
     // SIGKILL: 128 + 9, and the signal.
     signal(&conn, c2, SIGKILL, false);
-    let exit = wait(&conn, c2, "", IO_TIMEOUT);
+    let exit = wait(&conn, c2, "", IO_TIMEOUT).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(
         (exit.exit_status, exit.signal),
         (137, 9),
@@ -464,7 +488,7 @@ fn the_agent_runs_containers_on_one_vm() {
             "StartContainer c3",
             conn.start_container(&AgentConn::container(id)),
         );
-        let exit = wait(&conn, id, "", OOM_TIMEOUT);
+        let exit = wait(&conn, id, "", OOM_TIMEOUT)?;
         check(
             (exit.exit_status, exit.signal) == (137, 9),
             format!("c3 is killed for memory: {exit:?}"),
