@@ -124,6 +124,7 @@ fn device_io(path: &std::path::Path, offsets: &[u64], kind: u32) -> Duration {
         path: path.into(),
         read_only: false,
         id: "bench".into(),
+        file: None,
     };
     let mut block = Block::new(Some(backing), interrupt).unwrap();
     let (act, _kicks) = activation(&memory, 0, vec![q.queue()]);

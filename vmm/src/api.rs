@@ -6,20 +6,26 @@
 //! | PUT | /api/v1/vm.pause | stops the vCPUs (204) |
 //! | PUT | /api/v1/vm.resume | restarts them (204) |
 //! | PUT | /api/v1/vm.shutdown | ends the VMM with a clean teardown (204) |
-//! | PUT | /api/v1/block.set | `{"slot", "path", "read_only", "id"}`: gives a block slot a backing file (204) |
+//! | PUT | /api/v1/block.set | `{"slot", "path", "read_only", "id", "fd"}`: gives a block slot a backing file (204) |
 //! | PUT | /api/v1/block.clear | `{"slot"}`: empties a block slot (204) |
 //!
 //! `vm.info` also lists the virtio devices with their state and queue addresses.
+//! `block.set` with `"fd": true` takes the file already open, sent with the request as
+//! an `SCM_RIGHTS` descriptor (how the shim gives a jailed VMM its disks): `path` then
+//! only names it. A descriptor goes to the next request on the connection that asks
+//! for one.
 //! The API thread only parses and answers; the event loop owns the VM and acts.
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::time::Duration;
 
+use peapod_devices::virtio::block::PassedFile;
 use serde::{Deserialize, Serialize};
 use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
 use crate::seccomp::{Seccomp, ThreadClass};
 
@@ -52,6 +58,12 @@ pub struct BlockSet {
     /// The serial the guest reads (at most 20 bytes).
     #[serde(default)]
     pub id: Option<String>,
+    /// The file comes open with the request (`SCM_RIGHTS`); `path` only names it.
+    #[serde(default)]
+    pub fd: bool,
+    /// That file, once the API thread has matched it to the request.
+    #[serde(skip)]
+    pub file: Option<PassedFile>,
 }
 
 /// The body of `block.clear`.
@@ -328,6 +340,8 @@ fn serve_connection(
     stream.set_read_timeout(Some(READ_TIMEOUT))?;
     let mut buf = Vec::new();
     let mut chunk = [0u8; 4096];
+    // A descriptor sent with the bytes, for the next request that asks for one.
+    let mut passed: Option<std::fs::File> = None;
     loop {
         let parsed = match parse_request(&buf) {
             Ok(p) => p,
@@ -339,7 +353,12 @@ fn serve_connection(
             if buf.len() >= MAX_REQUEST_BYTES {
                 return write_response(&mut stream, 413, error_body("request too large"));
             }
-            let n = stream.read(&mut chunk)?;
+            let (n, file) = stream
+                .recv_with_fd(&mut chunk)
+                .map_err(std::io::Error::from)?;
+            if file.is_some() {
+                passed = file;
+            }
             if n == 0 {
                 return Ok(());
             }
@@ -347,7 +366,9 @@ fn serve_connection(
             continue;
         };
         buf.drain(..used);
-        let (status, body) = match route(&req.method, &req.path, &req.body) {
+        let routed =
+            route(&req.method, &req.path, &req.body).and_then(|r| with_file(r, &mut passed));
+        let (status, body) = match routed {
             Err(HttpError(status, msg)) => (status, error_body(&msg)),
             Ok(request) => match call(request, calls, wake) {
                 ApiResponse::Info(info) => (200, serde_json::to_string(&info).ok()),
@@ -359,6 +380,30 @@ fn serve_connection(
         if !req.keep_alive {
             return Ok(());
         }
+    }
+}
+
+/// Gives a `block.set` that asks for a passed file the one that came.
+fn with_file(
+    request: ApiRequest,
+    passed: &mut Option<std::fs::File>,
+) -> Result<ApiRequest, HttpError> {
+    match request {
+        ApiRequest::BlockSet(mut set) if set.fd => {
+            let file = passed.take().ok_or_else(|| {
+                HttpError(
+                    400,
+                    format!(
+                        "block.set for {}: \"fd\": true but no descriptor came with the \
+                         request; send the open file with SCM_RIGHTS on the request's bytes",
+                        set.path.display()
+                    ),
+                )
+            })?;
+            set.file = Some(PassedFile(std::sync::Arc::new(file)));
+            Ok(ApiRequest::BlockSet(set))
+        }
+        other => Ok(other),
     }
 }
 
@@ -427,6 +472,59 @@ mod tests {
         assert_eq!(requests_in(b"GET /api/v1/vm.info HTTP/1.1\r\n"), vec![]);
     }
 
+    /// Serves `request` (sent with `fd`, if any) on a socket pair; returns the request
+    /// the event loop got, if any, and the reply's status line.
+    fn served(request: &[u8], fd: Option<&std::fs::File>) -> (Option<ApiRequest>, String) {
+        use std::io::Read;
+        use std::os::fd::AsRawFd;
+        let (mut client, server) = UnixStream::pair().unwrap();
+        let (calls, incoming) = mpsc::channel();
+        let wake = EventFd::new(0).unwrap();
+        let server = std::thread::spawn(move || serve_connection(server, &calls, &wake));
+        match fd {
+            Some(f) => client.send_with_fd(request, f.as_raw_fd()).unwrap(),
+            None => client.write(request).unwrap(),
+        };
+        let got = incoming
+            .recv_timeout(Duration::from_secs(5))
+            .ok()
+            .map(|c: ApiCall| {
+                c.reply.send(ApiResponse::Done).unwrap();
+                c.request
+            });
+        let mut reply = String::new();
+        client.read_to_string(&mut reply).unwrap();
+        server.join().unwrap().unwrap();
+        (got, reply.lines().next().unwrap_or_default().to_owned())
+    }
+
+    #[test]
+    fn block_set_takes_the_descriptor_sent_with_it() {
+        use std::os::unix::fs::MetadataExt;
+        let image = vmm_sys_util::tempfile::TempFile::new().unwrap().into_file();
+        let body = r#"{"slot": 1, "path": "layer.img", "read_only": true, "fd": true}"#;
+        let request = format!(
+            "PUT /api/v1/block.set HTTP/1.1\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        let (got, status) = served(request.as_bytes(), Some(&image));
+        let Some(ApiRequest::BlockSet(set)) = got else {
+            panic!("the event loop got {got:?}");
+        };
+        let passed = set.file.expect("the descriptor came with the request");
+        assert_eq!(
+            passed.0.metadata().unwrap().ino(),
+            image.metadata().unwrap().ino(),
+            "it is the file that was sent"
+        );
+        assert_eq!(status, "HTTP/1.1 204 No Content");
+
+        // Asked for, not sent: refused before the event loop sees it.
+        let (got, status) = served(request.as_bytes(), None);
+        assert_eq!(got, None);
+        assert!(status.starts_with("HTTP/1.1 400"), "{status}");
+    }
+
     #[test]
     fn routes_name_the_endpoint_and_the_method() {
         assert_eq!(route("GET", "/api/v1/vm.info", b""), Ok(ApiRequest::Info));
@@ -453,7 +551,9 @@ mod tests {
                 slot: 2,
                 path: "/l.img".into(),
                 read_only: true,
-                id: Some("layer0".into())
+                id: Some("layer0".into()),
+                fd: false,
+                file: None,
             }))
         );
         assert_eq!(

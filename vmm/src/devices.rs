@@ -256,7 +256,8 @@ impl VirtioDevices {
 
     /// Gives block device `set.slot` a new backing file, and tells the guest.
     pub fn set_block_slot(&mut self, set: BlockSet) -> Result<(), SlotError> {
-        let backing = backing(set.path, set.read_only, set.id);
+        let mut backing = backing(set.path, set.read_only, set.id);
+        backing.file = set.file;
         self.change_block_slot(set.slot, Some(backing))
     }
 
@@ -349,6 +350,7 @@ fn backing(path: PathBuf, read_only: bool, id: Option<String>) -> BlockBacking {
         path,
         read_only,
         id: id.unwrap_or_default(),
+        file: None,
     }
 }
 

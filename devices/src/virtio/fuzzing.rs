@@ -4,6 +4,7 @@
 //! it. A case may fail every request; it must never panic, hang or touch memory outside
 //! the guest's. The unit tests run each case on a few fixed inputs.
 
+use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixDatagram;
 use std::path::PathBuf;
@@ -12,7 +13,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use virtio_queue::Queue;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use super::block::{Block, BlockBacking};
+use super::block::{Block, BlockBacking, PassedFile};
 use super::net::fake_tap::FakeTap;
 use super::net::Net;
 use super::test_utils::{activation, interrupt, TestQueue};
@@ -55,8 +56,8 @@ fn activate(device: &mut dyn VirtioDevice, memory: &GuestMemoryMmap, n: usize) -
     device.activate(act).is_ok()
 }
 
-/// A 64 KiB disk in a memfd, named through /proc so the device opens it like a file;
-/// nothing is left on disk.
+/// A 64 KiB disk in a memfd, passed to the device as an open file (as a jailed VMM
+/// gets its disks); nothing is left on disk.
 fn disk() -> BlockBacking {
     static DISK: OnceLock<OwnedFd> = OnceLock::new();
     let fd = DISK.get_or_init(|| {
@@ -69,10 +70,12 @@ fn disk() -> BlockBacking {
         assert_eq!(unsafe { libc::ftruncate(fd.as_raw_fd(), 64 << 10) }, 0);
         fd
     });
+    let file = fd.try_clone().expect("duplicating the fuzz disk's memfd");
     BlockBacking {
-        path: PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd())),
+        path: PathBuf::from("fuzz-disk"),
         read_only: false,
         id: "fuzz".into(),
+        file: Some(PassedFile(Arc::new(File::from(file)))),
     }
 }
 

@@ -154,7 +154,8 @@ fn vcpu_thread() -> Result<Rules, Error> {
 
 /// One request at a time from the API socket, answered on the same connection.
 fn api_thread() -> Result<Rules, Error> {
-    let mut r = plain(&[libc::SYS_accept4, libc::SYS_recvfrom, libc::SYS_sendto]);
+    // recvmsg: a request may come with the descriptor of a disk (block.set "fd").
+    let mut r = plain(&[libc::SYS_accept4, libc::SYS_recvmsg, libc::SYS_sendto]);
     // The read timeout on a connection.
     r.push((
         libc::SYS_setsockopt,

@@ -270,6 +270,7 @@ mod tests {
             path: std::env::temp_dir().join("peapod-blk-test-missing.img"),
             read_only: false,
             id: "new".into(),
+            file: None,
         };
         let err = block.set_backing(Some(missing)).err().unwrap();
         assert!(
@@ -307,6 +308,7 @@ mod tests {
             path: std::env::temp_dir().join("peapod-blk-test-missing-at-boot.img"),
             read_only: true,
             id: "a".into(),
+            file: None,
         };
         let err = Block::new(Some(missing), interrupt()).err().unwrap();
         assert!(matches!(err, BlockError::NotFound { .. }), "{err}");

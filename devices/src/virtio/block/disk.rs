@@ -7,12 +7,14 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, FileTypeExt};
+use std::sync::Arc;
 
 use virtio_queue::{Reader, Writer};
 
 use super::request::RequestError;
-use super::{BlockBacking, BlockError, MAX_ID_BYTES};
+use super::{BlockBacking, BlockError, PassedFile, MAX_ID_BYTES};
 
 pub(super) const SECTOR_SIZE: u64 = 512;
 /// The bounce buffer: one chunk of a request's data.
@@ -28,23 +30,27 @@ pub(super) struct Disk {
 }
 
 impl Disk {
-    /// Checks the ID and opens the file; nothing is kept on error.
-    pub fn open(backing: BlockBacking) -> Result<Self, BlockError> {
+    /// Checks the ID and opens the file (or takes the one passed); nothing is kept on
+    /// error.
+    pub fn open(mut backing: BlockBacking) -> Result<Self, BlockError> {
         let id = id_bytes(&backing.id)?;
-        let file = OpenOptions::new()
-            .read(true)
-            .write(!backing.read_only)
-            .open(&backing.path)
-            .map_err(|source| match source.kind() {
-                std::io::ErrorKind::NotFound => BlockError::NotFound {
-                    path: backing.path.clone(),
-                },
-                _ => BlockError::Open {
-                    path: backing.path.clone(),
-                    read_only: backing.read_only,
-                    source,
-                },
-            })?;
+        let file = match backing.file.take() {
+            Some(passed) => passed_file(passed, &backing)?,
+            None => OpenOptions::new()
+                .read(true)
+                .write(!backing.read_only)
+                .open(&backing.path)
+                .map_err(|source| match source.kind() {
+                    std::io::ErrorKind::NotFound => BlockError::NotFound {
+                        path: backing.path.clone(),
+                    },
+                    _ => BlockError::Open {
+                        path: backing.path.clone(),
+                        read_only: backing.read_only,
+                        source,
+                    },
+                })?,
+        };
         let size_error = |source| BlockError::Size {
             path: backing.path.clone(),
             source,
@@ -128,6 +134,27 @@ impl Disk {
     }
 }
 
+/// The passed file, owned; refused if the slot must write and the file cannot.
+fn passed_file(passed: PassedFile, backing: &BlockBacking) -> Result<File, BlockError> {
+    let open_err = |source| BlockError::Open {
+        path: backing.path.clone(),
+        read_only: backing.read_only,
+        source,
+    };
+    let file = Arc::try_unwrap(passed.0).or_else(|shared| shared.try_clone().map_err(open_err))?;
+    // SAFETY: F_GETFL only reads the flags of `file`, an open descriptor we own.
+    let flags = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETFL) };
+    if flags < 0 {
+        return Err(open_err(std::io::Error::last_os_error()));
+    }
+    if !backing.read_only && flags & libc::O_ACCMODE == libc::O_RDONLY {
+        return Err(BlockError::PassedReadOnly {
+            path: backing.path.clone(),
+        });
+    }
+    Ok(file)
+}
+
 /// The GET_ID answer for `id`, or why `id` cannot be one.
 fn id_bytes(id: &str) -> Result<[u8; MAX_ID_BYTES], BlockError> {
     if id.len() > MAX_ID_BYTES {
@@ -154,6 +181,7 @@ mod tests {
             path: path.to_owned(),
             read_only: false,
             id: id.to_owned(),
+            file: None,
         }
     }
 
@@ -176,6 +204,39 @@ mod tests {
             let err = Disk::open(backing(&image.path, bad)).err().unwrap();
             assert!(matches!(err, BlockError::IdNotPrintable { .. }), "{err}");
         }
+    }
+
+    /// A passed file is served as it is: its path is only a name, never opened.
+    #[test]
+    fn a_passed_file_is_used_and_its_path_only_names_it() {
+        let image = TempImage::new(&[7; 1024]);
+        let passed = |write: bool| {
+            let f = OpenOptions::new()
+                .read(true)
+                .write(write)
+                .open(&image.path)
+                .unwrap();
+            Some(PassedFile(Arc::new(f)))
+        };
+        let mut b = backing(std::path::Path::new("/nowhere/layer.img"), "p");
+        b.file = passed(true);
+        let disk = Disk::open(b).unwrap();
+        assert_eq!(disk.sectors, 2);
+        assert_eq!(disk.backing.file, None, "the disk owns the file now");
+
+        let mut b = backing(std::path::Path::new("/nowhere/upper.img"), "p");
+        b.file = passed(false);
+        let err = Disk::open(b).err().unwrap();
+        assert!(matches!(err, BlockError::PassedReadOnly { .. }), "{err}");
+        assert!(err.to_string().contains("/nowhere/upper.img"), "{err}");
+
+        let mut b = backing(std::path::Path::new("/nowhere/layer.img"), "p");
+        b.read_only = true;
+        b.file = passed(false);
+        assert!(
+            Disk::open(b).is_ok(),
+            "a read-only slot takes a read-only file"
+        );
     }
 
     #[test]

@@ -18,7 +18,9 @@ mod request;
 #[cfg(test)]
 mod test_support;
 
+use std::fs::File;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 pub use device::Block;
 
@@ -33,7 +35,22 @@ pub struct BlockBacking {
     pub read_only: bool,
     /// Returned by GET_ID: at most `MAX_ID_BYTES` of printable ASCII.
     pub id: String,
+    /// The file already open, passed by the VMM's caller (a jailed VMM cannot open
+    /// host paths): `path` then only names it in logs and errors. `None`: open `path`.
+    pub file: Option<PassedFile>,
 }
+
+/// A backing file opened by someone else. Equal only to itself.
+#[derive(Debug, Clone)]
+pub struct PassedFile(pub Arc<File>);
+
+impl PartialEq for PassedFile {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl Eq for PassedFile {}
 
 /// Why a slot could not be created or given a backing file. The VMM prefixes the slot
 /// number.
@@ -61,6 +78,12 @@ pub enum BlockError {
         path.display()
     )]
     NotADisk { path: PathBuf },
+    #[error(
+        "the file passed for {} is open read-only but the slot is read-write; open it \
+         O_RDWR or ask for a read-only slot",
+        path.display()
+    )]
+    PassedReadOnly { path: PathBuf },
     #[error("cannot find the size of backing file {}: {source}", path.display())]
     Size {
         path: PathBuf,

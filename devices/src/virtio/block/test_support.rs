@@ -61,6 +61,7 @@ impl TempImage {
             path: self.path.clone(),
             read_only,
             id: id.to_owned(),
+            file: None,
         }
     }
 }
