@@ -8,6 +8,9 @@ use serde::Deserialize;
 
 /// Where the configuration is read from when nothing names a file.
 pub const DEFAULT_CONFIG: &str = "/etc/peapod/config.toml";
+/// The first jailed uid: high above distributions' users (and systemd's dynamic ones),
+/// below the 2^31 that some tools treat as negative.
+pub const DEFAULT_JAIL_ID_BASE: u32 = 0x6000_0000;
 /// The environment variable that names the configuration file.
 pub const CONFIG_ENV: &str = "PEAPOD_CONFIG";
 
@@ -56,7 +59,7 @@ pub struct Config {
     pub upper_size_mib: u64,
     /// The shim's log level (containerd's shim log): error, warn, info, debug, trace.
     pub log_level: String,
-    /// Keep the guest's console in `<state_dir>/<pod>/console.log` (for debugging).
+    /// Keep the guest's console in `<state_dir>/<pod>/vm/console.log` (for debugging).
     pub guest_console: bool,
     /// Words appended to the guest kernel's command line.
     pub kernel_cmdline: String,
@@ -69,6 +72,13 @@ pub struct Config {
     /// The VMM's seccomp filters; `false` passes `--no-seccomp`, to debug a VMM that
     /// its filter kills (SIGSYS). Never in production.
     pub vmm_seccomp: bool,
+    /// The VMM's jail (crate::jail): own mount namespace and root, own uid, no
+    /// capabilities, rlimits. `false` runs it as the shim's user in the host's tree,
+    /// to debug. Never in production.
+    pub jail: bool,
+    /// A jailed VMM's uid and gid are this plus its pid: keep
+    /// [`jail_id_base`, `jail_id_base` + pid_max) free of other users on the node.
+    pub jail_id_base: u32,
 }
 
 impl Default for Config {
@@ -91,6 +101,8 @@ impl Default for Config {
             boot_timeout_secs: 120,
             agent_timeout_secs: 60,
             vmm_seccomp: true,
+            jail: true,
+            jail_id_base: DEFAULT_JAIL_ID_BASE,
         }
     }
 }
@@ -141,6 +153,16 @@ impl Config {
                 "block_slots = {}: a pod needs at least 2 (a layer and an upper) and the VM \
                  has room for at most 16 besides its network and vsock devices",
                 config.block_slots
+            )));
+        }
+        // Linux's largest pid_max: every jailed id must stay below (uid_t)-1.
+        const PID_MAX_LIMIT: u32 = 1 << 22;
+        if config.jail_id_base < 1000 || config.jail_id_base >= u32::MAX - PID_MAX_LIMIT {
+            return Err(invalid(format!(
+                "jail_id_base = {}: the jailed ids (it plus a pid, up to {PID_MAX_LIMIT}) must \
+                 be unprivileged and fit below {}; the default is {DEFAULT_JAIL_ID_BASE}",
+                config.jail_id_base,
+                u32::MAX - PID_MAX_LIMIT
             )));
         }
         if config.default_memory_mib < 64 {
@@ -228,6 +250,12 @@ mod tests {
         assert!(e.contains("test.toml") && e.contains("kernal"), "{e}");
         let e = parse("block_slots = 40").unwrap_err().to_string();
         assert!(e.contains("block_slots = 40"), "{e}");
+        for bad in ["0", "4294000000"] {
+            let e = parse(&format!("jail_id_base = {bad}"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("jail_id_base") && e.contains("default"), "{e}");
+        }
     }
 
     #[test]

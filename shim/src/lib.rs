@@ -4,6 +4,7 @@
 
 pub mod agent;
 pub mod config;
+pub mod jail;
 pub mod network;
 pub mod options;
 pub mod pod;

@@ -6,7 +6,11 @@
 //! <bundle>/peapod.json            which pod the task belongs to, and its work dir
 //! <state_dir>/<pod>/vmm.pid       the VMM's pid and start time (to kill only it)
 //! <state_dir>/<pod>/network.json  the namespace, veth and tap of the pod's network
-//! <state_dir>/<pod>/api.sock, vsock.sock, vmm.log, console.log
+//! <state_dir>/<pod>/vmm.log        the VMM's log (its stdout and stderr)
+//! <state_dir>/<pod>/vm/           the VMM's own: api.sock, vsock.sock, console.log
+//!                                 (the only host directory a jailed VMM sees)
+//! <state_dir>/<pod>/jail/         an empty mount point: the jail's root, a tmpfs in
+//!                                 the VMM's mount namespace
 //! <state_dir>/<pod>/containers/<id>/   a container's upper disk and private images
 //! ```
 
@@ -137,7 +141,7 @@ mod tests {
         assert!(name.starts_with("db5da90ded3d-"), "{name}");
         assert_eq!(name.len(), POD_DIR_ID_CHARS + 1 + 16);
         // The vsock socket and a guest-to-host port's socket fit in sockaddr_un.
-        let longest = dir.join("vsock.sock_4294967295");
+        let longest = dir.join("vm/vsock.sock_4294967295");
         assert!(longest.as_os_str().len() <= 107, "{}", longest.display());
         assert_eq!(
             dir,

@@ -9,12 +9,10 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use std::process::{Command, ExitStatus};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::UnixStream;
-
 use tokio::sync::oneshot;
 
 use crate::config::{Config, VmSize};
+use crate::jail::{self, Jail, JailSpec};
 
 /// The fd number the tap has in the VMM (`--net fd=3`).
 const TAP_FD: i32 = 3;
@@ -30,6 +28,16 @@ pub enum VmmError {
         "starting the VMM {path}: {source} (install peapod-vmm or set `vmm` in the peapod config)"
     )]
     Spawn { path: PathBuf, source: io::Error },
+    #[error(
+        "starting the VMM {path} in its jail: {source} (a step of the jail failed in the \
+         child: mount namespace, pivot_root, device nodes, rlimits or uid; `jail = false` in \
+         the peapod config tells whether the jail is the cause)"
+    )]
+    JailedSpawn { path: PathBuf, source: io::Error },
+    #[error(transparent)]
+    Jail(#[from] jail::JailError),
+    #[error("disk image {path}: {source} (was it removed while the pod used it?)")]
+    Disk { path: PathBuf, source: io::Error },
     #[error("VMM API {what} on {socket}: {source}")]
     Io {
         what: String,
@@ -44,25 +52,39 @@ pub enum VmmError {
     },
 }
 
-/// The files of one VM, all inside the pod's state directory.
+/// The files of one VM, all inside the pod's state directory: the VMM's own in `vm/`
+/// (the only host directory a jailed VMM sees), its log beside it (written through
+/// the stdio the shim opened), and `jail/`, the mount point of its jail's root.
 #[derive(Debug, Clone)]
 pub struct VmPaths {
+    pub run_dir: PathBuf,
     pub api_socket: PathBuf,
     pub vsock_socket: PathBuf,
     pub console: PathBuf,
     pub log: PathBuf,
+    pub jail_root: PathBuf,
 }
 
 impl VmPaths {
     pub fn in_dir(dir: &Path) -> VmPaths {
+        let run_dir = dir.join("vm");
         VmPaths {
-            api_socket: dir.join("api.sock"),
-            vsock_socket: dir.join("vsock.sock"),
-            console: dir.join("console.log"),
+            api_socket: run_dir.join("api.sock"),
+            vsock_socket: run_dir.join("vsock.sock"),
+            console: run_dir.join("console.log"),
             log: dir.join("vmm.log"),
+            jail_root: dir.join("jail"),
+            run_dir,
         }
     }
 }
+
+/// Names the pod's VM directory in a jailed VMM's environment.
+pub const VM_DIR_ENV: &str = "PEAPOD_VM_DIR";
+
+/// Present when the host's KVM is the PVM module (as peapod-vmm's platform.rs
+/// detects it; a jailed VMM cannot look, so the shim does and tells it).
+const PVM_MODULE: &str = "/sys/module/kvm_pvm";
 
 /// What the VM is booted with.
 pub struct VmSpec<'a> {
@@ -108,12 +130,13 @@ pub fn spawn(spec: &VmSpec) -> Result<VmmProcess, VmmError> {
             path: spec.config.vmm.clone(),
             source,
         })?;
+    let path = spec.config.vmm.clone();
     let pid = started_rx
         .recv()
         .unwrap_or_else(|_| Err(io::Error::other("the VMM's waiter thread ended")))
-        .map_err(|source| VmmError::Spawn {
-            path: spec.config.vmm.clone(),
-            source,
+        .map_err(|source| match spec.config.jail {
+            true => VmmError::JailedSpawn { path, source },
+            false => VmmError::Spawn { path, source },
         })?;
     Ok(VmmProcess { pid, exited })
 }
@@ -122,30 +145,70 @@ pub fn spawn(spec: &VmSpec) -> Result<VmmProcess, VmmError> {
 fn command(spec: &VmSpec) -> Result<Command, VmmError> {
     let c = spec.config;
     let p = spec.paths;
+    let jail = if c.jail {
+        Some(Jail::new(&JailSpec {
+            root: &p.jail_root,
+            run_dir: &p.run_dir,
+            vmm: &c.vmm,
+            kernel: &c.kernel,
+            initrd: &c.initrd,
+            uid_base: c.jail_id_base,
+            memory_mib: spec.size.memory_mib,
+            vcpus: spec.size.vcpus,
+        })?)
+    } else {
+        std::fs::create_dir_all(&p.run_dir).map_err(|source| VmmError::Spawn {
+            path: p.run_dir.clone(),
+            source,
+        })?;
+        None
+    };
+    // A path as the VMM sees it: in the jail, its files have fixed names.
+    let seen = |host: &Path, inside: &str| -> PathBuf {
+        match jail {
+            Some(_) => inside.into(),
+            None => host.into(),
+        }
+    };
+    let in_run = |host: &Path| {
+        let name = host.file_name().expect("VM files have names");
+        seen(host, &Path::new(jail::RUN_DIR).join(name).to_string_lossy())
+    };
     let log = std::fs::File::create(&p.log).map_err(|source| VmmError::Spawn {
         path: p.log.clone(),
         source,
     })?;
-    let mut cmd = Command::new(&c.vmm);
+    let mut cmd = Command::new(seen(&c.vmm, jail::VMM));
+    if jail.is_some() {
+        // The host's environment stays out of the jail too; what is left says (to
+        // `ps e` and to the tests' leak checks) which pod the VMM serves.
+        cmd.env_clear().env(VM_DIR_ENV, &p.run_dir);
+        let quirks = if Path::new(PVM_MODULE).exists() {
+            "on"
+        } else {
+            "off"
+        };
+        cmd.args(["--platform-quirks", quirks]);
+    }
     cmd.arg("--kernel")
-        .arg(&c.kernel)
+        .arg(seen(&c.kernel, jail::KERNEL))
         .arg("--initrd")
-        .arg(&c.initrd)
+        .arg(seen(&c.initrd, jail::INITRD))
         .args(["--vcpus", &spec.size.vcpus.to_string()])
         .args(["--memory", &spec.size.memory_mib.to_string()])
         .args(["--block-slots", &c.block_slots.to_string()])
         .arg("--vsock")
         .arg(format!(
             "cid={GUEST_CID},socket={}",
-            p.vsock_socket.display()
+            in_run(&p.vsock_socket).display()
         ))
         .arg("--api-socket")
-        .arg(&p.api_socket)
+        .arg(in_run(&p.api_socket))
         .arg("--console")
         .arg(if c.guest_console {
-            p.console.as_os_str()
+            in_run(&p.console).into_os_string()
         } else {
-            "off".as_ref()
+            "off".into()
         });
     let mut cmdline = c.kernel_cmdline.clone();
     if c.guest_console {
@@ -182,9 +245,14 @@ fn command(spec: &VmSpec) -> Result<Command, VmmError> {
         None => None,
     };
     // SAFETY: the closure runs in the child between fork and exec and calls only
-    // async-signal-safe functions (prctl, dup2, fcntl) on an fd the closure owns.
+    // async-signal-safe functions (the jail's system calls, prctl, dup2, fcntl) on
+    // memory prepared before the fork and an fd the closure owns.
     unsafe {
         cmd.pre_exec(move || {
+            if let Some(jail) = &jail {
+                jail.enter()?;
+            }
+            // After the jail: a change of uid clears the death signal.
             if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
                 return Err(io::Error::last_os_error());
             }
@@ -219,7 +287,7 @@ impl VmmApi {
     pub async fn wait_ready(&self, timeout: Duration) -> Result<(), VmmError> {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
-            match self.request("GET", "vm.info", "").await {
+            match self.request("GET", "vm.info", "", None).await {
                 Ok(_) => return Ok(()),
                 Err(e) if tokio::time::Instant::now() >= deadline => return Err(e),
                 Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
@@ -227,7 +295,9 @@ impl VmmApi {
         }
     }
 
-    /// Puts a disk image in an empty slot: the guest sees a disk with `serial`.
+    /// Puts a disk image in an empty slot: the guest sees a disk with `serial`. The
+    /// shim opens the image and passes it open (a jailed VMM cannot open host paths);
+    /// the path only names it in the VMM's log.
     pub async fn block_set(
         &self,
         slot: u32,
@@ -235,10 +305,18 @@ impl VmmApi {
         read_only: bool,
         serial: &str,
     ) -> Result<(), VmmError> {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(!read_only)
+            .open(path)
+            .map_err(|source| VmmError::Disk {
+                path: path.into(),
+                source,
+            })?;
         let body = serde_json::json!({
-            "slot": slot, "path": path, "read_only": read_only, "id": serial,
+            "slot": slot, "path": path, "read_only": read_only, "id": serial, "fd": true,
         });
-        self.request("PUT", "block.set", &body.to_string())
+        self.request("PUT", "block.set", &body.to_string(), Some(file))
             .await
             .map(drop)
     }
@@ -246,48 +324,49 @@ impl VmmApi {
     /// Empties a slot again.
     pub async fn block_clear(&self, slot: u32) -> Result<(), VmmError> {
         let body = serde_json::json!({ "slot": slot });
-        self.request("PUT", "block.clear", &body.to_string())
+        self.request("PUT", "block.clear", &body.to_string(), None)
             .await
             .map(drop)
     }
 
     pub async fn pause(&self) -> Result<(), VmmError> {
-        self.request("PUT", "vm.pause", "").await.map(drop)
+        self.request("PUT", "vm.pause", "", None).await.map(drop)
     }
 
     pub async fn resume(&self) -> Result<(), VmmError> {
-        self.request("PUT", "vm.resume", "").await.map(drop)
+        self.request("PUT", "vm.resume", "", None).await.map(drop)
     }
 
-    /// One request; returns the body of a 2xx answer.
-    async fn request(&self, method: &str, call: &str, body: &str) -> Result<String, VmmError> {
+    /// One request, with `file` passed along if given; returns the body of a 2xx
+    /// answer.
+    async fn request(
+        &self,
+        method: &str,
+        call: &str,
+        body: &str,
+        file: Option<std::fs::File>,
+    ) -> Result<String, VmmError> {
         let what = format!("{method} {call}");
         let io_err = |source| VmmError::Io {
             what: what.clone(),
             socket: self.socket.clone(),
             source,
         };
-        let exchange = async {
-            let mut s = UnixStream::connect(&self.socket).await?;
-            let content_type = if body.is_empty() {
-                ""
-            } else {
-                "Content-Type: application/json\r\n"
-            };
-            let req = format!(
-                "{method} /api/v1/{call} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\
-                 {content_type}Content-Length: {}\r\n\r\n{body}",
-                body.len()
-            );
-            s.write_all(req.as_bytes()).await?;
-            let mut reply = Vec::new();
-            s.read_to_end(&mut reply).await?;
-            Ok::<_, io::Error>(String::from_utf8_lossy(&reply).into_owned())
+        let content_type = if body.is_empty() {
+            ""
+        } else {
+            "Content-Type: application/json\r\n"
         };
-        let reply = match tokio::time::timeout(API_TIMEOUT, exchange).await {
-            Ok(r) => r.map_err(io_err)?,
-            Err(_) => return Err(io_err(io::ErrorKind::TimedOut.into())),
-        };
+        let req = format!(
+            "{method} /api/v1/{call} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\
+             {content_type}Content-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        let socket = self.socket.clone();
+        let reply = tokio::task::spawn_blocking(move || exchange(&socket, req.as_bytes(), file))
+            .await
+            .unwrap_or_else(|e| Err(io::Error::other(e)))
+            .map_err(io_err)?;
         let status: u16 = reply
             .split_whitespace()
             .nth(1)
@@ -309,6 +388,26 @@ impl VmmApi {
             })
         }
     }
+}
+
+/// One request and its whole reply, on a connection of its own; `file` rides on the
+/// request's first bytes (SCM_RIGHTS).
+fn exchange(socket: &Path, req: &[u8], file: Option<std::fs::File>) -> io::Result<String> {
+    use std::io::{Read, Write};
+    use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+    let mut s = std::os::unix::net::UnixStream::connect(socket)?;
+    s.set_read_timeout(Some(API_TIMEOUT))?;
+    s.set_write_timeout(Some(API_TIMEOUT))?;
+    let sent = match &file {
+        Some(f) => s
+            .send_with_fd(req, f.as_raw_fd())
+            .map_err(io::Error::from)?,
+        None => 0,
+    };
+    s.write_all(&req[sent..])?;
+    let mut reply = Vec::new();
+    s.read_to_end(&mut reply)?;
+    Ok(String::from_utf8_lossy(&reply).into_owned())
 }
 
 /// The last `max` bytes of the VMM's log, for error messages.
