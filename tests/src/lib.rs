@@ -19,6 +19,7 @@ pub mod agent;
 pub mod cni;
 pub mod containerd;
 pub mod cri;
+pub mod jail;
 pub mod kubelet;
 pub mod layers;
 pub mod leftovers;

@@ -6,6 +6,7 @@
 //! (runc); the peapod tests need the shim (`PEAPOD_SHIM`, or target/release), the VMM,
 //! the guest kernel and initramfs, root and KVM.
 
+use std::path::Path;
 use std::process::Output;
 use std::time::Duration;
 
@@ -557,16 +558,22 @@ fn peapod_task_survives_containerd_restart() {
     h.finish();
 }
 
-/// (e) A vCPU thread of the pod's VMM makes a system call outside its seccomp filter
-/// (as a guest that took it over would): the VMM dies of SIGSYS, the task stops with a
-/// failure status, and the shim's log says why.
+/// (e) The pod's VMM runs jailed (its own uid, no capabilities, rlimits, a root that
+/// holds only its files: not /etc/shadow, not containerd's state) and filtered. A vCPU
+/// thread then makes a system call outside its seccomp filter (as a guest that took it
+/// over would): the VMM dies of SIGSYS, the task stops with a failure status, and the
+/// shim's log says why.
 #[test]
-fn peapod_vmm_killed_by_its_filter_stops_task() {
+fn peapod_jailed_vmm_killed_by_its_filter_stops_task() {
     require_root();
     let h = Harness::peapod(&[]);
     h.run_detached("c5", &[], &["sleep", "1000"]);
     let vmms = h.host_now().pids_named(VMM_NAME);
     assert_eq!(vmms.len(), 1, "VMMs for one pod");
+    peapod_tests::jail::assert_jailed(
+        vmms[0],
+        &[Path::new("/etc/shadow"), &h.ctd.root_dir, &h.ctd.state_dir],
+    );
     peapod_tests::threads::assert_all_filtered(vmms[0]);
     let vcpu = peapod_tests::threads::thread_named(vmms[0], "vcpu0");
     let outcome = peapod_tests::threads::make_thread_call(
