@@ -316,32 +316,27 @@ fn c_path(p: &Path) -> CString {
 }
 
 /// Whether the ELF file at `path` asks for a program interpreter (the dynamic
-/// loader), which the jail does not hold.
+/// loader), which the jail does not hold. Reads the headers only: this is on every
+/// pod's start path.
 fn is_dynamic(path: &Path) -> io::Result<bool> {
+    use std::os::unix::fs::FileExt;
     const PT_INTERP: u32 = 3;
-    let bytes = std::fs::read(path)?;
-    let u16_at = |o: usize| {
-        bytes
-            .get(o..o + 2)
-            .map(|b| u16::from_le_bytes([b[0], b[1]]))
-    };
-    let u64_at = |o: usize| {
-        bytes
-            .get(o..o + 8)
-            .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
-    };
-    if bytes.get(..4) != Some(b"\x7fELF") || bytes.get(4) != Some(&2) {
+    const PHDR_MAX: usize = 64 << 10;
+    let file = std::fs::File::open(path)?;
+    let mut header = [0u8; 64];
+    let n = file.read_at(&mut header, 0)?;
+    if n < header.len() || &header[..4] != b"\x7fELF" || header[4] != 2 {
         // Not a 64-bit ELF file: exec will say what is wrong with it.
         return Ok(false);
     }
-    let (Some(phoff), Some(phentsize), Some(phnum)) = (u64_at(0x20), u16_at(0x36), u16_at(0x38))
-    else {
-        return Ok(false);
-    };
-    Ok((0..usize::from(phnum)).any(|i| {
-        let at = phoff as usize + i * usize::from(phentsize);
-        bytes.get(at..at + 4) == Some(&PT_INTERP.to_le_bytes())
-    }))
+    let u16_at = |o: usize| usize::from(u16::from_le_bytes([header[o], header[o + 1]]));
+    let phoff = u64::from_le_bytes(header[0x20..0x28].try_into().expect("8 bytes"));
+    let (phentsize, phnum) = (u16_at(0x36), u16_at(0x38));
+    let mut table = vec![0u8; (phentsize * phnum).min(PHDR_MAX)];
+    file.read_exact_at(&mut table, phoff)?;
+    Ok(table
+        .chunks(phentsize.max(4))
+        .any(|entry| entry.get(..4) == Some(&PT_INTERP.to_le_bytes()[..])))
 }
 
 #[cfg(test)]
@@ -357,5 +352,17 @@ mod tests {
         let text = dir.path().join("script");
         std::fs::write(&text, "#!/bin/sh\n").unwrap();
         assert!(!is_dynamic(&text).unwrap(), "a script is not an ELF file");
+        // A minimal ELF64 file with one program header: PT_LOAD (static), PT_INTERP.
+        for (p_type, dynamic) in [(1u32, false), (3, true)] {
+            let mut elf = vec![0u8; 64 + 56];
+            elf[..5].copy_from_slice(b"\x7fELF\x02");
+            elf[0x20..0x28].copy_from_slice(&64u64.to_le_bytes());
+            elf[0x36..0x38].copy_from_slice(&56u16.to_le_bytes());
+            elf[0x38..0x3a].copy_from_slice(&1u16.to_le_bytes());
+            elf[64..68].copy_from_slice(&p_type.to_le_bytes());
+            let f = dir.path().join(format!("elf-{p_type}"));
+            std::fs::write(&f, &elf).unwrap();
+            assert_eq!(is_dynamic(&f).unwrap(), dynamic, "p_type {p_type}");
+        }
     }
 }
