@@ -3,6 +3,7 @@
 //! drives the guest agent over vsock.
 
 pub mod agent;
+pub mod cgroup;
 pub mod config;
 pub mod jail;
 pub mod network;

@@ -34,6 +34,7 @@ use serde_json::Value;
 use tokio::sync::{watch, Mutex};
 
 use crate::agent::{self, ctx, ctx_forever};
+use crate::cgroup::VmmCgroup;
 use crate::config::Config;
 use crate::network::PodNetwork;
 use crate::rootfs::{self, LayerCache, RootfsMount};
@@ -279,6 +280,8 @@ impl Pod {
         std::fs::create_dir_all(pod_dir.join("containers"))
             .map_err(|e| fail(&format!("creating {}", pod_dir.display()), &e))?;
         let undo_dir = |e: ttrpc::Error| {
+            let _ = state::kill_vmm(&pod_dir);
+            let _ = remove_cgroup(&pod_dir);
             let _ = state::remove_dir(&pod_dir);
             e
         };
@@ -321,6 +324,38 @@ impl Pod {
             }
             undo_dir(e)
         };
+        // The VMM's cgroup: the sandbox's, under the pod's.
+        let cgroup = match spec["linux"]["cgroupsPath"]
+            .as_str()
+            .filter(|p| !p.is_empty())
+        {
+            Some(path) => {
+                let path = path.to_owned();
+                let made = tokio::task::spawn_blocking(move || {
+                    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")
+                        .map_err(|e| e.to_string())?;
+                    VmmCgroup::create(&path, &mountinfo).map_err(|e| e.to_string())
+                })
+                .await
+                .map_err(|e| fail("making the VMM's cgroup", &e))
+                .and_then(|r| r.map_err(|e| fail("making the VMM's cgroup", &e)))
+                .map_err(undo)?;
+                state::write_json(&pod_dir.join(CGROUP_RECORD), &made)
+                    .map_err(|e| fail("recording the VMM's cgroup", &e))
+                    .map_err(|e| {
+                        made.remove();
+                        undo(e)
+                    })?;
+                Some(made)
+            }
+            None => {
+                log::warn!(
+                    "pod {sandbox_id}: the sandbox's spec has no cgroupsPath: the VMM stays in \
+                     the shim's cgroup"
+                );
+                None
+            }
+        };
         let paths = VmPaths::in_dir(&pod_dir);
         let tap_fd: Option<std::os::fd::OwnedFd> = network
             .as_ref()
@@ -331,6 +366,7 @@ impl Pod {
             size,
             paths: &paths,
             tap: tap_fd.as_ref().zip(mac.as_deref()),
+            cgroup: cgroup.as_ref(),
         };
         let vmm = vmm::spawn(&spec_vm).map_err(|e| undo(fail("starting the VMM", &e)))?;
         // The VMM holds the tap now: ours would keep it alive after the VMM is gone.
@@ -1137,11 +1173,29 @@ impl Pod {
 /// filters, the files. Idempotent.
 pub fn cleanup_pod_dir(pod_dir: &Path) -> std::io::Result<()> {
     state::kill_vmm(pod_dir)?;
+    remove_cgroup(pod_dir)?;
     if let Some(n) = state::read_json::<NetworkRecord>(&pod_dir.join("network.json"))? {
         crate::network::detach(&n.netns, &n.veth, &n.tap)
             .map_err(|e| std::io::Error::other(e.to_string()))?;
     }
     state::remove_dir(pod_dir)
+}
+
+/// The file in a pod's directory that lists its VMM's cgroup directories.
+const CGROUP_RECORD: &str = "cgroup.json";
+
+/// Removes the VMM's cgroup (the VMM must be gone), if the pod's directory records one.
+fn remove_cgroup(pod_dir: &Path) -> std::io::Result<()> {
+    let Some(cg) = state::read_json::<VmmCgroup>(&pod_dir.join(CGROUP_RECORD))? else {
+        return Ok(());
+    };
+    match cg.remove().into_iter().next() {
+        None => Ok(()),
+        Some((dir, e)) => Err(std::io::Error::other(format!(
+            "removing the VMM's cgroup {}: {e}",
+            dir.display()
+        ))),
+    }
 }
 
 /// Records a process's exit unless one is recorded already; whether this one was.

@@ -6,6 +6,7 @@
 //! <bundle>/peapod.json            which pod the task belongs to, and its work dir
 //! <state_dir>/<pod>/vmm.pid       the VMM's pid and start time (to kill only it)
 //! <state_dir>/<pod>/network.json  the namespace, veth and tap of the pod's network
+//! <state_dir>/<pod>/cgroup.json   the VMM's cgroup directories, one per hierarchy
 //! <state_dir>/<pod>/vmm.log        the VMM's log (its stdout and stderr)
 //! <state_dir>/<pod>/vm/           the VMM's own: api.sock, vsock.sock, console.log
 //!                                 (the only host directory a jailed VMM sees)

@@ -11,6 +11,7 @@ use std::time::Duration;
 use std::process::{Command, ExitStatus};
 use tokio::sync::oneshot;
 
+use crate::cgroup::{self, CgroupError, VmmCgroup};
 use crate::config::{Config, VmSize};
 use crate::jail::{self, Jail, JailSpec};
 
@@ -36,6 +37,8 @@ pub enum VmmError {
     JailedSpawn { path: PathBuf, source: io::Error },
     #[error(transparent)]
     Jail(#[from] jail::JailError),
+    #[error(transparent)]
+    Cgroup(#[from] CgroupError),
     #[error("disk image {path}: {source} (was it removed while the pod used it?)")]
     Disk { path: PathBuf, source: io::Error },
     #[error("VMM API {what} on {socket}: {source}")]
@@ -93,6 +96,8 @@ pub struct VmSpec<'a> {
     pub paths: &'a VmPaths,
     /// The pod's tap and the MAC the guest's card takes (the veth's).
     pub tap: Option<(&'a OwnedFd, &'a str)>,
+    /// The VMM's cgroup, if the pod has one.
+    pub cgroup: Option<&'a VmmCgroup>,
 }
 
 /// A started VMM: its pid, and its exit status once it has exited.
@@ -230,6 +235,10 @@ fn command(spec: &VmSpec) -> Result<Command, VmmError> {
             source,
         })?)
         .stderr(log);
+    let cgroup_procs = match spec.cgroup {
+        Some(cg) => cg.procs_files()?,
+        None => Vec::new(),
+    };
     // The tap is only borrowed from the caller: the command owns a duplicate, so
     // that the fd stays valid until the waiter thread has forked.
     let tap_fd = match tap_fd {
@@ -249,6 +258,8 @@ fn command(spec: &VmSpec) -> Result<Command, VmmError> {
     // memory prepared before the fork and an fd the closure owns.
     unsafe {
         cmd.pre_exec(move || {
+            // Into the cgroup first: the jail hides /sys/fs/cgroup.
+            cgroup::join(&cgroup_procs)?;
             if let Some(jail) = &jail {
                 jail.enter()?;
             }
