@@ -83,3 +83,30 @@ pub fn assert_jailed(pid: i32, hidden: &[&Path]) {
         );
     }
 }
+
+/// The cgroup process `pid` is in, the same in every hierarchy (as the shim puts a
+/// VMM); panics if it is the root cgroup or the hierarchies disagree.
+pub fn cgroup_of(pid: i32) -> String {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    let paths: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.splitn(3, ':').nth(2))
+        .collect();
+    assert!(
+        !paths.is_empty() && paths.iter().all(|p| *p == paths[0] && *p != "/"),
+        "process {pid} is not in one cgroup of its own in every hierarchy:\n{text}"
+    );
+    paths[0].to_owned()
+}
+
+/// Panics if cgroup `path` is still in any hierarchy mounted under /sys/fs/cgroup.
+pub fn assert_cgroup_gone(path: &str) {
+    let relative = path.trim_start_matches('/');
+    let base = Path::new("/sys/fs/cgroup");
+    let mut candidates = vec![base.join(relative)];
+    for e in std::fs::read_dir(base).unwrap().flatten() {
+        candidates.push(e.path().join(relative));
+    }
+    let left: Vec<_> = candidates.iter().filter(|c| c.is_dir()).collect();
+    assert!(left.is_empty(), "the VMM's cgroup is left: {left:?}");
+}

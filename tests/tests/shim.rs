@@ -559,7 +559,8 @@ fn peapod_task_survives_containerd_restart() {
 }
 
 /// (e) The pod's VMM runs jailed (its own uid, no capabilities, rlimits, a root that
-/// holds only its files: not /etc/shadow, not containerd's state) and filtered. A vCPU
+/// holds only its files: not /etc/shadow, not containerd's state), in a cgroup of its
+/// own, and filtered. A vCPU
 /// thread then makes a system call outside its seccomp filter (as a guest that took it
 /// over would): the VMM dies of SIGSYS, the task stops with a failure status, and the
 /// shim's log says why.
@@ -574,6 +575,7 @@ fn peapod_jailed_vmm_killed_by_its_filter_stops_task() {
         vmms[0],
         &[Path::new("/etc/shadow"), &h.ctd.root_dir, &h.ctd.state_dir],
     );
+    let cgroup = peapod_tests::jail::cgroup_of(vmms[0]);
     peapod_tests::threads::assert_all_filtered(vmms[0]);
     let vcpu = peapod_tests::threads::thread_named(vmms[0], "vcpu0");
     let outcome = peapod_tests::threads::make_thread_call(
@@ -595,6 +597,7 @@ fn peapod_jailed_vmm_killed_by_its_filter_stops_task() {
         h.ctd.log_tail()
     );
     h.ctd.ctr_ok(&["container", "delete", "c5"]);
+    peapod_tests::jail::assert_cgroup_gone(&cgroup);
     h.finish();
 }
 
