@@ -2,8 +2,8 @@
 SHELL := /bin/bash
 .SHELLFLAGS := -euo pipefail -c
 CARGO ?= cargo
-# The VMM is static, like the agent: it starts faster (no dynamic loader) and its
-# jail will not need a single library. Same flags as rootfs/build.sh: one build.
+# The VMM is static, like the agent: it starts faster (no dynamic loader) and the
+# shim's jail holds no library (it refuses a dynamic VMM). Same flags as rootfs/build.sh.
 TRIPLE := x86_64-unknown-linux-gnu
 STATIC_BUILD := RUSTFLAGS="-C target-feature=+crt-static" $(CARGO) build --release --target $(TRIPLE)
 VMM := target/$(TRIPLE)/release/peapod-vmm
