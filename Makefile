@@ -15,7 +15,7 @@ ARTEFACTS = PEAPOD_KERNEL="$$(kernel-config/build.sh)" PEAPOD_INITRD="$$(rootfs/
 
 .PHONY: demo boot test bench deps lint build install fuzz
 # Seconds per fuzz target: a smoke run in `make test`, a real one in `make fuzz`.
-FUZZ_SMOKE_SECONDS ?= 10
+FUZZ_SMOKE_SECONDS ?= 3
 FUZZ_SECONDS ?= 600
 
 ## demo: on a fresh machine, install what is missing, build everything, start a private

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Runs every fuzz target for SECONDS each (default 10: the CI smoke run) and prints how
+# Runs every fuzz target for SECONDS each (default 10; the CI smoke run gives 3) and prints how
 # many executions each survived. `make fuzz` runs them longer (FUZZ_SECONDS, 600).
 #   vmm/fuzz/run.sh [SECONDS] [TARGET...]
 # Needs the nightly toolchain (cargo fuzz builds with sanitizer flags) and cargo-fuzz,
