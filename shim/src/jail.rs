@@ -30,6 +30,10 @@ pub const RUN_DIR: &str = "/run";
 /// Device nodes made in the jail, with the host node whose number they take.
 const DEVICES: &[(&str, &str)] = &[("/dev/kvm", "dev/kvm"), ("/dev/net/tun", "dev/net/tun")];
 
+/// Present when the host's KVM is the PVM module (as peapod-vmm's platform.rs
+/// detects it; a jailed VMM cannot look in /sys, so its starter does).
+const PVM_MODULE: &str = "/sys/module/kvm_pvm";
+
 /// Open files: every queue has an ioeventfd and an irqfd, every slot a disk file; a
 /// VMM with 64 slots uses a few hundred.
 const MAX_OPEN_FILES: u64 = 1024;
@@ -275,6 +279,16 @@ impl Jail {
             check(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0))?;
         }
         Ok(())
+    }
+}
+
+/// The `--platform-quirks` value for a jailed VMM, which cannot detect the host's
+/// kind of KVM itself.
+pub fn platform_quirks() -> &'static str {
+    if Path::new(PVM_MODULE).exists() {
+        "on"
+    } else {
+        "off"
     }
 }
 

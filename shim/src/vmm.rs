@@ -85,10 +85,6 @@ impl VmPaths {
 /// Names the pod's VM directory in a jailed VMM's environment.
 pub const VM_DIR_ENV: &str = "PEAPOD_VM_DIR";
 
-/// Present when the host's KVM is the PVM module (as peapod-vmm's platform.rs
-/// detects it; a jailed VMM cannot look, so the shim does and tells it).
-const PVM_MODULE: &str = "/sys/module/kvm_pvm";
-
 /// What the VM is booted with.
 pub struct VmSpec<'a> {
     pub config: &'a Config,
@@ -188,12 +184,7 @@ fn command(spec: &VmSpec) -> Result<Command, VmmError> {
         // The host's environment stays out of the jail too; what is left says (to
         // `ps e` and to the tests' leak checks) which pod the VMM serves.
         cmd.env_clear().env(VM_DIR_ENV, &p.run_dir);
-        let quirks = if Path::new(PVM_MODULE).exists() {
-            "on"
-        } else {
-            "off"
-        };
-        cmd.args(["--platform-quirks", quirks]);
+        cmd.args(["--platform-quirks", jail::platform_quirks()]);
     }
     cmd.arg("--kernel")
         .arg(seen(&c.kernel, jail::KERNEL))

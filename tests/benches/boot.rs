@@ -58,11 +58,7 @@ enum Hardening {
 /// `dir`/run, the directory its /run is bound to.
 fn peapod_command(dir: &Path, console: &str, hardening: Hardening) -> Command {
     // The jail hides /sys, where the VMM would look: both are told, alike.
-    let quirks = if Path::new("/sys/module/kvm_pvm").exists() {
-        "on"
-    } else {
-        "off"
-    };
+    let quirks = jail::platform_quirks();
     let (run, root) = (dir.join("run"), dir.join("root"));
     let mut c = match hardening {
         Hardening::Off => {
