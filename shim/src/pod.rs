@@ -427,7 +427,7 @@ impl Pod {
             Ok(a) => a,
             Err(e) => {
                 let tail = vmm::log_tail(&paths, 2000);
-                let _ = state::kill_vmm(&pod_dir);
+                // undo kills the VMM.
                 return Err(undo(err(Code::INTERNAL, format!("{e} (VMM log: {tail})"))));
             }
         };
@@ -450,7 +450,7 @@ impl Pod {
         });
         let req = sandbox_request(sandbox_id, spec, network.as_ref());
         if let Err(e) = vm.agent.create_sandbox(self.agent_ctx(), &req).await {
-            let _ = state::kill_vmm(&pod_dir);
+            // undo kills the VMM.
             return Err(undo(agent_err(
                 &format!("pod {sandbox_id}: CreateSandbox"),
                 e,
