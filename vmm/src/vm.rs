@@ -345,6 +345,53 @@ impl Timeline {
     }
 }
 
+/// What the guest may write into a console file: the console is the guest's to fill,
+/// the host's disk (or tmpfs) is not.
+const CONSOLE_FILE_MAX_BYTES: u64 = 16 << 20;
+
+/// A console file that takes `max` bytes and then one line saying the rest was
+/// dropped: a boot's first messages are the ones worth keeping.
+struct CappedFile<W> {
+    out: W,
+    left: u64,
+    told: bool,
+}
+
+impl<W: Write> CappedFile<W> {
+    fn new(out: W, max: u64) -> Self {
+        Self {
+            out,
+            left: max,
+            told: false,
+        }
+    }
+}
+
+impl<W: Write> Write for CappedFile<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = buf
+            .len()
+            .min(usize::try_from(self.left).unwrap_or(usize::MAX));
+        if n == 0 {
+            if !self.told {
+                self.told = true;
+                let _ = self
+                    .out
+                    .write_all(b"\n[peapod-vmm: the console file is full; the rest is dropped]\n");
+            }
+            // Taken and dropped: the guest's UART does not stall.
+            return Ok(buf.len());
+        }
+        let n = self.out.write(&buf[..n])?;
+        self.left -= n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.out.flush()
+    }
+}
+
 fn build_pio_bus(vm: &VmFd, config: &VmConfig, reset: &EventFd) -> Result<Bus, VmError> {
     let mut bus = Bus::new();
     let i8042: Arc<Mutex<dyn BusDevice>> = Arc::new(Mutex::new(I8042::new(
@@ -355,7 +402,7 @@ fn build_pio_bus(vm: &VmFd, config: &VmConfig, reset: &EventFd) -> Result<Bus, V
     let out: Box<dyn Write + Send> = match &config.console {
         Console::Off => return Ok(bus),
         Console::Stdout => Box::new(std::io::stdout()),
-        Console::File(path) => Box::new(
+        Console::File(path) => Box::new(CappedFile::new(
             OpenOptions::new()
                 .create(true)
                 .append(true)
@@ -364,7 +411,8 @@ fn build_pio_bus(vm: &VmFd, config: &VmConfig, reset: &EventFd) -> Result<Bus, V
                     path: path.clone(),
                     source,
                 })?,
-        ),
+            CONSOLE_FILE_MAX_BYTES,
+        )),
     };
     let irq = EventFd::new(EFD_NONBLOCK).map_err(io_err("serial irqfd"))?;
     vm.register_irqfd(&irq, COM1_IRQ)
@@ -481,5 +529,27 @@ impl MutEventSubscriber for Controller {
                 let _ = call.reply.send(response);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+
+    use super::CappedFile;
+
+    #[test]
+    fn a_console_file_keeps_its_first_bytes_and_says_the_rest_went() {
+        let mut file = CappedFile::new(Vec::new(), 10);
+        for byte in b"0123456789abcdef" {
+            // The UART writes a byte at a time, and every byte is taken.
+            assert_eq!(file.write(&[*byte]).unwrap(), 1);
+        }
+        file.write_all(b"more").unwrap();
+        let text = String::from_utf8(file.out).unwrap();
+        assert_eq!(
+            text,
+            "0123456789\n[peapod-vmm: the console file is full; the rest is dropped]\n"
+        );
     }
 }
