@@ -175,10 +175,16 @@ fn command(spec: &VmSpec) -> Result<Command, VmmError> {
         let name = host.file_name().expect("VM files have names");
         seen(host, &Path::new(jail::RUN_DIR).join(name).to_string_lossy())
     };
-    let log = std::fs::File::create(&p.log).map_err(|source| VmmError::Spawn {
-        path: p.log.clone(),
-        source,
-    })?;
+    // Appended to, so that the VMM can empty it when it is full (its logger's limit).
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&p.log)
+        .and_then(|f| f.set_len(0).map(|()| f))
+        .map_err(|source| VmmError::Spawn {
+            path: p.log.clone(),
+            source,
+        })?;
     let mut cmd = Command::new(seen(&c.vmm, jail::VMM));
     if jail.is_some() {
         // The host's environment stays out of the jail too; what is left says (to

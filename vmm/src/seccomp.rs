@@ -125,6 +125,13 @@ mod tests {
         let pid = unsafe { libc::fork() };
         assert!(pid >= 0, "fork: {}", std::io::Error::last_os_error());
         if pid == 0 {
+            // The child's stderr is /dev/null: what a filter lets a thread do to
+            // stderr (the logger's ftruncate) must not touch the test's output.
+            // SAFETY: open and dup2 with a constant path, in the child.
+            unsafe {
+                let null = libc::open(c"/dev/null".as_ptr(), libc::O_WRONLY);
+                libc::dup2(null, libc::STDERR_FILENO);
+            }
             let code = match seccompiler::apply_filter(&program) {
                 Ok(()) => f(),
                 Err(_) => 99,
@@ -189,6 +196,34 @@ mod tests {
             0
         });
         assert!(killed_by_sigsys(status), "wait status {status:#x}");
+    }
+
+    #[test]
+    fn any_thread_may_empty_stderr_and_no_other_file() {
+        for class in [ThreadClass::Main, ThreadClass::Vcpu, ThreadClass::Api] {
+            // On /dev/null it fails (EINVAL), which is not the filter's doing.
+            // SAFETY: ftruncate on the child's own stderr, /dev/null.
+            let status = in_filtered_child(class, || unsafe {
+                libc::syscall(libc::SYS_ftruncate, libc::STDERR_FILENO, 0);
+                7
+            });
+            assert!(
+                libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 7,
+                "{class:?}: ftruncate(2, 0): wait status {status:#x}"
+            );
+            // SAFETY: as above, with a length the filter refuses.
+            let status = in_filtered_child(class, || unsafe {
+                libc::syscall(libc::SYS_ftruncate, libc::STDERR_FILENO, 4096);
+                0
+            });
+            assert!(killed_by_sigsys(status), "{class:?}: ftruncate(2, 4096)");
+            // SAFETY: ftruncate on fd 0 (the filter kills before the kernel looks).
+            let status = in_filtered_child(class, || unsafe {
+                libc::syscall(libc::SYS_ftruncate, 0, 0);
+                0
+            });
+            assert!(killed_by_sigsys(status), "{class:?}: ftruncate(0, 0)");
+        }
     }
 
     #[test]

@@ -87,6 +87,14 @@ fn common() -> Result<Rules, Error> {
     ]);
     r.push(no_exec(libc::SYS_mmap)?);
     r.push(no_exec(libc::SYS_mprotect)?);
+    // The logger empties a full log file (stderr, appended to) and nothing else.
+    r.push((
+        libc::SYS_ftruncate,
+        vec![SeccompRule::new(vec![
+            arg(0, Op::Eq, libc::STDERR_FILENO as u64)?,
+            arg(1, Op::Eq, 0)?,
+        ])?],
+    ));
     Ok(r)
 }
 
