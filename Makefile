@@ -39,7 +39,7 @@ install: build
 ## every fuzz target for a few seconds.
 test: deps lint build
 	$(ARTEFACTS) PEAPOD_TEST_INITRD="$$(rootfs/build-test.sh)" \
-	$(CARGO) test --release --workspace --lib --bins --tests
+	$(CARGO) test --profile release-tests --workspace --lib --bins --tests
 	vmm/fuzz/run.sh $(FUZZ_SMOKE_SECONDS)
 
 ## fuzz: every fuzz target (guest memory into each device, MMIO registers, vsock
