@@ -13,6 +13,7 @@
 //!   readers pace the VMM.
 
 use std::collections::HashMap;
+use std::fmt::Write as _;
 use std::fs::File;
 use std::io::Write;
 use std::mem::ManuallyDrop;
@@ -143,8 +144,10 @@ impl Sink {
     /// ignored: a lost log line must not take the VM down.
     fn write_line(&mut self, line: &str) {
         let len = line.len() as u64;
-        if self.kind != SinkKind::Stream && self.written + len > self.max_bytes {
+        if self.written + len > self.max_bytes {
             match self.kind {
+                SinkKind::Stream => {}
+                SinkKind::File => return,
                 SinkKind::AppendedFile => {
                     // ftruncate on fd 2 only, and only to 0: the seccomp filters allow
                     // nothing else. O_APPEND puts the next write at the new end.
@@ -160,7 +163,6 @@ impl Sink {
                     let _ = self.file.write_all(note.as_bytes());
                     self.written = note.len() as u64;
                 }
-                _ => return,
             }
         }
         if self.file.write_all(line.as_bytes()).is_ok() {
@@ -185,18 +187,21 @@ impl State {
         };
         let pid = std::process::id();
         let mut line = String::new();
+        // Writing into a String cannot fail.
         if dropped > 0 {
-            line = format!(
+            let _ = writeln!(
+                line,
                 "peapod-vmm[{pid}] WARN logger: {dropped} lines like the next were dropped \
-                 (more than {} a second)\n",
+                 (more than {} a second)",
                 self.limiter.limits.per_second
             );
         }
-        line.push_str(&format!(
-            "peapod-vmm[{pid}] {} {}\n",
+        let _ = writeln!(
+            line,
+            "peapod-vmm[{pid}] {} {}",
             record.level(),
             record.args()
-        ));
+        );
         self.sink.write_line(&line);
     }
 }
@@ -233,7 +238,6 @@ pub fn init(level: LevelFilter) {
 
 #[cfg(test)]
 mod tests {
-    use std::io::{Read, Seek};
     use std::time::Duration;
 
     use vmm_sys_util::tempfile::TempFile;
@@ -288,11 +292,7 @@ mod tests {
     }
 
     fn contents(tmp: &TempFile) -> String {
-        let mut s = String::new();
-        let mut f = File::open(tmp.as_path()).expect("open");
-        f.rewind().unwrap();
-        f.read_to_string(&mut s).expect("read");
-        s
+        std::fs::read_to_string(tmp.as_path()).expect("read the temp file")
     }
 
     #[test]
