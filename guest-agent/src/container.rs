@@ -20,6 +20,7 @@ use peapod_agent_protocol as proto;
 
 use crate::lock;
 use crate::process::{ChildStdio, Process, Reaper};
+use crate::seccomp::ExecSeccomp;
 use crate::spec::{self, GuestContext, SpecError};
 use crate::storage::{self, ContainerRootfs};
 
@@ -81,6 +82,8 @@ pub struct Container {
     pub rootfs: PathBuf,
     pub sandbox: bool,
     pub init: Arc<Process>,
+    /// The spec's seccomp profile, which libcontainer does not give execs.
+    seccomp: Option<oci_spec::runtime::LinuxSeccomp>,
     storage: Mutex<Option<ContainerRootfs>>,
     handle: Mutex<libcontainer::container::Container>,
     execs: Mutex<HashMap<String, Arc<Process>>>,
@@ -131,6 +134,7 @@ impl Container {
                     sandbox_pid,
                 },
             )?;
+            let seccomp = crate::seccomp::profile(&spec, id)?;
             write_json(&dir.join("config.json"), &spec)
                 .map_err(|e| ContainerError::runtime(id, "writing config.json", e))?;
             let (init, child) = Process::new(id.to_owned(), req.stdio)
@@ -168,9 +172,9 @@ impl Container {
                 init.set_terminal(c.receive(id)?)
                     .map_err(|e| ContainerError::runtime(id, "keeping its terminal", e))?;
             }
-            Ok((init, handle))
+            Ok((init, handle, seccomp))
         })();
-        let (init, handle) = match built {
+        let (init, handle, seccomp) = match built {
             Ok(v) => v,
             Err(e) => {
                 let mut storage = storage;
@@ -188,6 +192,7 @@ impl Container {
             rootfs,
             sandbox: req.sandbox,
             init,
+            seccomp,
             storage: Mutex::new(Some(storage)),
             handle: Mutex::new(handle),
             execs: Mutex::new(HashMap::new()),
@@ -239,7 +244,9 @@ impl Container {
         let result = (|| {
             let (proc, child) = Process::new(format!("{id}/{exec_id}"), stdio)
                 .map_err(|e| ContainerError::runtime(id, "making the exec's stdio pipes", e))?;
-            let builder = builder(id, child)?;
+            let builder = builder(id, child)?.with_executor(ExecSeccomp {
+                profile: self.seccomp.clone(),
+            });
             let (builder, console) = with_console(builder, &self.dir, exec_id, stdio.terminal, id)?;
             let spawning = reaper.spawning.blocking_lock();
             let built = builder

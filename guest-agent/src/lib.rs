@@ -9,6 +9,7 @@ pub mod log;
 pub mod network;
 pub mod process;
 pub mod sandbox;
+pub mod seccomp;
 pub mod server;
 pub mod spec;
 pub mod storage;

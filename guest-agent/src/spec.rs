@@ -27,6 +27,8 @@ pub enum SpecError {
     NoSandboxToJoin { id: String, kind: String },
     #[error("container {id}: user {user:?} is not in the container's /etc/passwd (use a numeric uid, or add the user to the image)")]
     UnknownUser { id: String, user: String },
+    #[error("container {id}: its seccomp profile hands calls to a seccomp agent (SCMP_ACT_NOTIFY), and a VM pod's guest has none (use SCMP_ACT_ERRNO or another action, or run the pod with runc)")]
+    SeccompNotify { id: String },
 }
 
 /// What the agent decides about a container, which the spec must reflect.
