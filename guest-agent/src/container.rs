@@ -9,6 +9,7 @@ use std::fs;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -28,6 +29,9 @@ use crate::storage::{self, ContainerRootfs};
 pub const CONTAINERS_DIR: &str = "/run/peapod/containers";
 /// libcontainer's own state (state.json, notify sockets).
 pub const RUNTIME_DIR: &str = "/run/peapod/runtime";
+/// The sockets through which libcontainer hands over new terminals, one a process
+/// being created.
+const CONSOLE_DIR: &str = "/run/peapod/tty";
 /// The cgroup2 root, and the subtree the agent's containers live in.
 pub const CGROUP_ROOT: &str = "/sys/fs/cgroup";
 const CGROUP_PARENT: &str = "peapod";
@@ -140,7 +144,7 @@ impl Container {
             let (init, child) = Process::new(id.to_owned(), req.stdio)
                 .map_err(|e| ContainerError::runtime(id, "making its stdio pipes", e))?;
             let builder = builder(id, child)?;
-            let (builder, console) = with_console(builder, &dir, "init", req.stdio.terminal, id)?;
+            let (builder, console) = with_console(builder, req.stdio.terminal, id)?;
             let spawning = reaper.spawning.blocking_lock();
             let built = builder
                 .as_init(&dir)
@@ -247,7 +251,7 @@ impl Container {
             let builder = builder(id, child)?.with_executor(ExecSeccomp {
                 profile: self.seccomp.clone(),
             });
-            let (builder, console) = with_console(builder, &self.dir, exec_id, stdio.terminal, id)?;
+            let (builder, console) = with_console(builder, stdio.terminal, id)?;
             let spawning = reaper.spawning.blocking_lock();
             let built = builder
                 .as_tenant()
@@ -463,15 +467,19 @@ struct ConsoleSocket {
 
 fn with_console(
     builder: ContainerBuilder,
-    dir: &Path,
-    name: &str,
     terminal: bool,
     id: &str,
 ) -> Result<(ContainerBuilder, Option<ConsoleSocket>), ContainerError> {
     if !terminal {
         return Ok((builder, None));
     }
-    let path = dir.join(format!("console-{name}.sock"));
+    // A socket's path must fit sockaddr_un (107 bytes): one named after CRI's ids
+    // (64 characters each for the container and the exec) does not, so a number.
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    fs::create_dir_all(CONSOLE_DIR)
+        .map_err(|e| ContainerError::runtime(id, "making the console sockets' directory", e))?;
+    let path =
+        Path::new(CONSOLE_DIR).join(format!("{}.sock", NEXT.fetch_add(1, Ordering::Relaxed)));
     let _ = fs::remove_file(&path);
     let listener = UnixListener::bind(&path)
         .map_err(|e| ContainerError::runtime(id, "making its console socket", e))?;
