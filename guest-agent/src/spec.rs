@@ -2,8 +2,9 @@
 //!
 //! The host writes the spec for a host: its root, namespace paths, cgroup path and
 //! hooks name host objects. Inside the VM the agent owns all of those, so it
-//! rewrites them; everything else (process, mounts, capabilities, seccomp, rlimits,
-//! resources) passes through to libcontainer unchanged.
+//! rewrites them, and drops the labels of the node's LSM (the guest has none);
+//! everything else (process, mounts, capabilities, seccomp, rlimits, resources)
+//! passes through to libcontainer unchanged.
 
 use std::path::Path;
 
@@ -98,6 +99,12 @@ pub fn guest_spec(raw: &[u8], ctx: &GuestContext) -> Result<Value, SpecError> {
         check_bind_source(m, &id)?;
     }
 
+    let mount_label = obj
+        .get_mut("linux")
+        .and_then(Value::as_object_mut)
+        .and_then(|l| l.remove("mountLabel"));
+    drop_lsm_labels(&mut obj["process"], mount_label, &id);
+
     let linux = obj
         .entry("linux")
         .or_insert_with(|| json!({}))
@@ -135,8 +142,39 @@ pub fn guest_process(
         return Err(bad("\"args\" is missing or empty".into()));
     }
     process["terminal"] = Value::Bool(terminal);
+    drop_lsm_labels(&mut process, None, container_id);
     resolve_user(&mut process, rootfs, container_id)?;
     Ok(process)
+}
+
+/// The labels a node's runtime puts in a spec for the node's own LSM: containerd's
+/// CRI gives every non-privileged container `process.apparmorProfile` on AppArmor
+/// nodes, and `process.selinuxLabel` and `linux.mountLabel` on SELinux nodes. The
+/// guest kernel has neither LSM (the VM, not a label, is the pod's boundary), and
+/// libcontainer refuses a profile it cannot apply and puts a mount label into mount
+/// options the kernel then rejects: the labels are dropped, and that is said once.
+fn drop_lsm_labels(process: &mut Value, mount_label: Option<Value>, id: &str) {
+    let mut dropped: Vec<String> = Vec::new();
+    if let Some(process) = process.as_object_mut() {
+        for key in ["apparmorProfile", "selinuxLabel"] {
+            if let Some(label) = process.remove(key) {
+                dropped.push(format!("process.{key} {label}"));
+            }
+        }
+    }
+    if let Some(label) = mount_label {
+        dropped.push(format!("linux.mountLabel {label}"));
+    }
+    static SAID: std::sync::Once = std::sync::Once::new();
+    if !dropped.is_empty() {
+        SAID.call_once(|| {
+            log::debug!(
+                "container {id}: the guest has no AppArmor or SELinux, so the spec's {} \
+                 is not applied (nor are later containers' labels; this is said once)",
+                dropped.join(", ")
+            );
+        });
+    }
 }
 
 /// The pod's network is the guest's own (eth0 is configured by CreateSandbox), so
@@ -282,6 +320,32 @@ mod tests {
         assert_eq!(ipc["path"], json!("/proc/7/ns/ipc"));
         let pid = ns.iter().find(|n| n["type"] == "pid").unwrap();
         assert!(pid.get("path").is_none());
+    }
+
+    #[test]
+    fn lsm_labels_are_dropped_from_specs_and_execs() {
+        // What containerd's CRI sends on an AppArmor node, and on an SELinux node.
+        let mut spec = base_spec();
+        spec["process"]["apparmorProfile"] = json!("cri-containerd.apparmor.d");
+        spec["process"]["selinuxLabel"] = json!("system_u:system_r:container_t:s0:c4,c5");
+        spec["linux"]["mountLabel"] = json!("system_u:object_r:container_file_t:s0:c4,c5");
+        let raw = serde_json::to_vec(&spec).unwrap();
+        let spec = guest_spec(&raw, &ctx(Path::new("/r"), Some(7))).unwrap();
+        assert!(spec["process"].get("apparmorProfile").is_none(), "{spec}");
+        assert!(spec["process"].get("selinuxLabel").is_none(), "{spec}");
+        assert!(spec["linux"].get("mountLabel").is_none(), "{spec}");
+        assert_eq!(spec["process"]["args"], json!(["sh"]), "the rest stays");
+        let p = guest_process(
+            br#"{"args":["id"],"cwd":"/","user":{"uid":0,"gid":0},
+                 "apparmorProfile":"localhost/k8s-apparmor-example-deny-write",
+                 "selinuxLabel":"system_u:system_r:container_t:s0:c4,c5"}"#,
+            "c1",
+            Path::new("/r"),
+            false,
+        )
+        .unwrap();
+        assert!(p.get("apparmorProfile").is_none(), "{p}");
+        assert!(p.get("selinuxLabel").is_none(), "{p}");
     }
 
     #[test]
