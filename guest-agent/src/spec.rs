@@ -88,6 +88,7 @@ pub fn guest_spec(raw: &[u8], ctx: &GuestContext) -> Result<Value, SpecError> {
     // Host hooks name host binaries; the guest has none of them.
     obj.remove("hooks");
     obj["process"]["terminal"] = Value::Bool(ctx.terminal);
+    normalise_no_new_privileges(&mut obj["process"]);
     resolve_user(&mut obj["process"], ctx.rootfs, &id)?;
 
     for m in obj
@@ -142,9 +143,23 @@ pub fn guest_process(
         return Err(bad("\"args\" is missing or empty".into()));
     }
     process["terminal"] = Value::Bool(terminal);
+    normalise_no_new_privileges(&mut process);
     drop_lsm_labels(&mut process, None, container_id);
     resolve_user(&mut process, rootfs, container_id)?;
     Ok(process)
+}
+
+/// `"noNewPrivileges": false` means what its absence means, but libcontainer 0.7
+/// tests only for presence when it orders seccomp: with an explicit false it installs
+/// the filter after dropping capabilities and without no_new_privs, which the kernel
+/// refuses (runc installs it before the drop). containerd omits a false value; other
+/// runtimes' specs may not.
+fn normalise_no_new_privileges(process: &mut Value) {
+    if let Some(p) = process.as_object_mut() {
+        if p.get("noNewPrivileges") == Some(&Value::Bool(false)) {
+            p.remove("noNewPrivileges");
+        }
+    }
 }
 
 /// The labels a node's runtime puts in a spec for the node's own LSM: containerd's
@@ -346,6 +361,28 @@ mod tests {
         .unwrap();
         assert!(p.get("apparmorProfile").is_none(), "{p}");
         assert!(p.get("selinuxLabel").is_none(), "{p}");
+    }
+
+    #[test]
+    fn a_false_no_new_privileges_is_left_out() {
+        let mut spec = base_spec();
+        spec["process"]["noNewPrivileges"] = json!(false);
+        let raw = serde_json::to_vec(&spec).unwrap();
+        let spec = guest_spec(&raw, &ctx(Path::new("/r"), Some(7))).unwrap();
+        assert!(spec["process"].get("noNewPrivileges").is_none(), "{spec}");
+        let mut spec = base_spec();
+        spec["process"]["noNewPrivileges"] = json!(true);
+        let raw = serde_json::to_vec(&spec).unwrap();
+        let spec = guest_spec(&raw, &ctx(Path::new("/r"), Some(7))).unwrap();
+        assert_eq!(spec["process"]["noNewPrivileges"], json!(true));
+        let p = guest_process(
+            br#"{"args":["id"],"cwd":"/","user":{"uid":0,"gid":0},"noNewPrivileges":false}"#,
+            "c1",
+            Path::new("/r"),
+            false,
+        )
+        .unwrap();
+        assert!(p.get("noNewPrivileges").is_none(), "{p}");
     }
 
     #[test]

@@ -327,6 +327,31 @@ pub fn with_memory_limit(mut spec: Value, bytes: u64) -> Value {
     spec
 }
 
+/// `spec` with `profile` as its `linux.seccomp`.
+pub fn with_seccomp(mut spec: Value, profile: Value) -> Value {
+    spec["linux"]["seccomp"] = profile;
+    spec
+}
+
+/// `spec` with the labels containerd's CRI puts on a non-privileged container on an
+/// AppArmor node (`process.apparmorProfile`, its default profile) and on an SELinux
+/// node (`process.selinuxLabel`, `linux.mountLabel`).
+pub fn with_lsm_labels(mut spec: Value) -> Value {
+    spec["process"]["apparmorProfile"] = json!("cri-containerd.apparmor.d");
+    spec["process"]["selinuxLabel"] = json!("system_u:system_r:container_t:s0:c12,c345");
+    spec["linux"]["mountLabel"] = json!("system_u:object_r:container_file_t:s0:c12,c345");
+    spec
+}
+
+/// `spec` without `process.noNewPrivileges`, as containerd's CRI sends it unless
+/// the pod sets `allowPrivilegeEscalation: false`.
+pub fn without_no_new_privs(mut spec: Value) -> Value {
+    if let Some(p) = spec["process"].as_object_mut() {
+        p.remove("noNewPrivileges");
+    }
+    spec
+}
+
 /// The `process` object of [`oci_spec`], for `ExecProcess`.
 pub fn oci_process(args: &[&str], terminal: bool) -> Value {
     oci_spec(args, terminal)["process"].take()
