@@ -277,7 +277,7 @@ impl Pod {
         let netns = network_namespace(spec, sandbox_id)?;
         let size = self.config.vm_size(&annotations);
         let pod_dir = state::pod_dir(&self.config.state_dir, &self.namespace, sandbox_id);
-        std::fs::create_dir_all(pod_dir.join("containers"))
+        std::fs::create_dir_all(pod_dir.join(state::CONTAINERS_DIR))
             .map_err(|e| fail(&format!("creating {}", pod_dir.display()), &e))?;
         let undo_dir = |e: ttrpc::Error| {
             let _ = state::kill_vmm(&pod_dir);
@@ -311,7 +311,7 @@ impl Pod {
                     veth: net.veth.clone(),
                     tap: net.tap_name.clone(),
                 };
-                state::write_json(&pod_dir.join("network.json"), &rec)
+                state::write_json(&pod_dir.join(state::NETWORK_RECORD), &rec)
                     .map_err(|e| fail("recording the network", &e))
                     .map_err(undo_dir)?;
                 Some(net)
@@ -340,7 +340,7 @@ impl Pod {
                 .map_err(|e| fail("making the VMM's cgroup", &e))
                 .and_then(|r| r.map_err(|e| fail("making the VMM's cgroup", &e)))
                 .map_err(undo)?;
-                state::write_json(&pod_dir.join(CGROUP_RECORD), &made)
+                state::write_json(&pod_dir.join(state::CGROUP_RECORD), &made)
                     .map_err(|e| fail("recording the VMM's cgroup", &e))
                     .map_err(|e| {
                         made.remove();
@@ -376,7 +376,7 @@ impl Pod {
             pid,
             start_time: state::start_time(pid).unwrap_or(0),
         };
-        let _ = state::write_json(&pod_dir.join("vmm.pid"), &rec);
+        let _ = state::write_json(&pod_dir.join(state::VMM_RECORD), &rec);
         log::info!(
             "pod {sandbox_id}: VMM {pid} started ({} vCPU, {} MiB)",
             size.vcpus,
@@ -657,7 +657,7 @@ impl Pod {
         };
         // From here on the pod's lock is taken only briefly: the images and the
         // guest's work take seconds, and containerd asks about other tasks meanwhile.
-        let work_dir = pod_dir.join("containers").join(&id);
+        let work_dir = state::container_dir(&pod_dir, &id);
         let stdio = StdioPaths {
             stdin: req.stdin.clone(),
             stdout: req.stdout.clone(),
@@ -1174,19 +1174,16 @@ impl Pod {
 pub fn cleanup_pod_dir(pod_dir: &Path) -> std::io::Result<()> {
     state::kill_vmm(pod_dir)?;
     remove_cgroup(pod_dir)?;
-    if let Some(n) = state::read_json::<NetworkRecord>(&pod_dir.join("network.json"))? {
+    if let Some(n) = state::read_json::<NetworkRecord>(&pod_dir.join(state::NETWORK_RECORD))? {
         crate::network::detach(&n.netns, &n.veth, &n.tap)
             .map_err(|e| std::io::Error::other(e.to_string()))?;
     }
     state::remove_dir(pod_dir)
 }
 
-/// The file in a pod's directory that lists its VMM's cgroup directories.
-const CGROUP_RECORD: &str = "cgroup.json";
-
 /// Removes the VMM's cgroup (the VMM must be gone), if the pod's directory records one.
 fn remove_cgroup(pod_dir: &Path) -> std::io::Result<()> {
-    let Some(cg) = state::read_json::<VmmCgroup>(&pod_dir.join(CGROUP_RECORD))? else {
+    let Some(cg) = state::read_json::<VmmCgroup>(&pod_dir.join(state::CGROUP_RECORD))? else {
         return Ok(());
     };
     match cg.remove().into_iter().next() {

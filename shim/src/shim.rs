@@ -217,7 +217,7 @@ mod tests {
             pid: me,
             start_time: state::start_time(me).unwrap() + 1,
         };
-        state::write_json(&pod_dir.join("vmm.pid"), &rec).unwrap();
+        state::write_json(&pod_dir.join(state::VMM_RECORD), &rec).unwrap();
         let task = TaskRecord {
             pod_dir: pod_dir.clone(),
             work_dir: work_dir.clone(),
