@@ -3,8 +3,10 @@
 //! drives the guest agent over vsock.
 
 pub mod agent;
+pub mod block_slots;
 pub mod cgroup;
 pub mod config;
+pub mod error;
 pub mod jail;
 pub mod network;
 pub mod options;
@@ -12,8 +14,10 @@ pub mod pod;
 pub mod rootfs;
 pub mod service;
 pub mod shim;
+pub mod spec;
 pub mod state;
 pub mod stdio;
+pub mod tasks;
 pub mod vmm;
 pub mod volumes;
 
