@@ -2,6 +2,7 @@
 //! `PEAPOD_CONFIG` or the runtime's options (`config_path`) name another. Every key has
 //! a default that works on a node where `make install` put the files.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
@@ -184,11 +185,10 @@ impl Config {
 
     /// Memory and vCPUs of a pod from its sandbox annotations (the pod's limits as CRI
     /// passes them), with the defaults where a pod sets none.
-    pub fn vm_size(&self, annotations: &serde_json::Map<String, serde_json::Value>) -> VmSize {
+    pub fn vm_size(&self, annotations: &HashMap<String, String>) -> VmSize {
         let num = |key: &str| -> Option<u64> {
             annotations
                 .get(key)?
-                .as_str()?
                 .trim()
                 .parse::<u64>()
                 .ok()
@@ -231,7 +231,6 @@ fn resolve_beside_self(name: &Path) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
 
     fn parse(text: &str) -> Result<Config, ConfigError> {
         Config::parse(Path::new("/etc/peapod/test.toml"), text)
@@ -269,7 +268,7 @@ mod tests {
     #[test]
     fn the_pod_size_comes_from_its_annotations() {
         let c = parse("").unwrap();
-        let none = serde_json::Map::new();
+        let none = HashMap::new();
         assert_eq!(
             c.vm_size(&none),
             VmSize {
@@ -277,12 +276,14 @@ mod tests {
                 memory_mib: 256
             }
         );
-        let a = json!({
-            "io.kubernetes.cri.sandbox-cpu-quota": "150000",
-            "io.kubernetes.cri.sandbox-cpu-period": "100000",
-            "io.kubernetes.cri.sandbox-memory": "134217729",
-        });
-        let size = c.vm_size(a.as_object().unwrap());
+        let a: HashMap<String, String> = [
+            ("io.kubernetes.cri.sandbox-cpu-quota", "150000"),
+            ("io.kubernetes.cri.sandbox-cpu-period", "100000"),
+            ("io.kubernetes.cri.sandbox-memory", "134217729"),
+        ]
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .into();
+        let size = c.vm_size(&a);
         assert_eq!(size.vcpus, 2);
         // 128 MiB and one byte rounds up to 129, plus 64 of overhead, to even.
         assert_eq!(size.memory_mib, 194);

@@ -1,19 +1,38 @@
 //! `containerd-shim-peapod-v2`: one shim per pod. It boots the pod's microVM (a
 //! `peapod-vmm` child process), turns containerd's rootfs mounts into block devices and
 //! drives the guest agent over vsock.
+//!
+//! The modules, top down; a row uses only the rows below it (the VM and the tasks
+//! never use the pod: the VM reports to it on a channel):
+//!
+//! ```text
+//! shim                the shim process containerd runs: start, delete, the server
+//! service             the task RPCs; a ShimError becomes a ttrpc status here only
+//! pod                 the pod: its VM and tasks, the events containerd is told
+//! sandbox_vm          the VM: boot, supervision (VmEvents to the pod), teardown
+//! block_slots, tasks  the VM's disk slots; containers, execs and their states
+//! error               ShimError, the shim's one error type below the service
+//! vmm, jail, cgroup, network, rootfs, volumes, stdio, agent, state, config, options
+//! spec                a container's OCI spec, read through oci-spec
+//! ```
 
 pub mod agent;
+pub mod block_slots;
 pub mod cgroup;
 pub mod config;
+pub mod error;
 pub mod jail;
 pub mod network;
 pub mod options;
 pub mod pod;
 pub mod rootfs;
+pub mod sandbox_vm;
 pub mod service;
 pub mod shim;
+pub mod spec;
 pub mod state;
 pub mod stdio;
+pub mod tasks;
 pub mod vmm;
 pub mod volumes;
 

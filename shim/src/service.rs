@@ -1,7 +1,14 @@
 //! containerd's task service (task API v2): each Task RPC, explicitly, on a [`Pod`].
 //! The generated defaults answer NOT_FOUND, which containerd would read as "task gone".
+//!
+//! This is the edge that speaks containerd's protocol: the pod's [`ShimError`]s become
+//! ttrpc status codes here ([`status`]), and nowhere else.
+
+use std::sync::Arc;
 
 use async_trait::async_trait;
+use containerd_shim::asynchronous::ExitSignal;
+use containerd_shim::publisher::RemotePublisher;
 use containerd_shim::TtrpcResult;
 use containerd_shim_protos::api;
 use containerd_shim_protos::events::task::{TaskExecAdded, TaskPaused, TaskResumed};
@@ -11,13 +18,82 @@ use containerd_shim_protos::shim_async::Task;
 use containerd_shim_protos::ttrpc::r#async::TtrpcContext;
 use containerd_shim_protos::ttrpc::{self, Code};
 use peapod_agent_protocol as agent_proto;
-use serde_json::Value;
 
-use crate::pod::{agent_err, err, exec_label, now, set_exit_once, Process, Service};
+use crate::config::Config;
+use crate::error::{self, exec_label, ShimError};
+use crate::pod::Pod;
 use crate::stdio::StdioPaths;
+use crate::tasks::{now, set_exit_once, Process};
+use crate::volumes::VolumeError;
+
+/// The task service of one pod.
+#[derive(Clone)]
+pub struct Service(Arc<Pod>);
+
+impl Service {
+    pub fn new(
+        config: Config,
+        namespace: String,
+        publisher: RemotePublisher,
+        exit: Arc<ExitSignal>,
+    ) -> Service {
+        Service(Arc::new(Pod::new(config, namespace, publisher, exit)))
+    }
+}
+
+/// The status code containerd acts on for each of the shim's errors.
+fn code(e: &ShimError) -> Code {
+    use ShimError as E;
+    match e {
+        E::TaskNotFound { .. }
+        | E::ExecNotFound { .. }
+        | E::AlreadyFinished { .. }
+        | E::Deleted { .. } => Code::NOT_FOUND,
+        E::TaskExists { .. } | E::ExecExists { .. } => Code::ALREADY_EXISTS,
+        E::ExecInExited { .. }
+        | E::AlreadyStarted { .. }
+        | E::StillRunning { .. }
+        | E::SandboxNotLast { .. }
+        | E::VmNotRunning { .. }
+        | E::VmExited { .. }
+        | E::PodStopping { .. }
+        | E::MissingBootFile { .. } => Code::FAILED_PRECONDITION,
+        E::HostNetwork { .. }
+        | E::Spec { .. }
+        | E::ExecSpec { .. }
+        | E::Rootfs { .. }
+        | E::Volume(VolumeError::Source { .. }) => Code::INVALID_ARGUMENT,
+        E::NoFreeSlot { .. } => Code::RESOURCE_EXHAUSTED,
+        // The agent's own answer keeps its code; no answer at all is UNAVAILABLE.
+        E::Agent {
+            source: ttrpc::Error::RpcStatus(s),
+            ..
+        } => s.code(),
+        E::Agent { .. } => Code::UNAVAILABLE,
+        E::Boot { .. }
+        | E::Vmm { .. }
+        | E::Record { .. }
+        | E::Volume(VolumeError::Copy { .. })
+        | E::Stdio { .. }
+        | E::Removal { .. }
+        | E::Metrics { .. } => Code::INTERNAL,
+        E::Restore { .. } | E::Checkpoint { .. } => Code::UNIMPLEMENTED,
+    }
+}
+
+/// A shim error as containerd receives it: its code and its message.
+pub fn status(e: ShimError) -> ttrpc::Error {
+    ttrpc::Error::RpcStatus(ttrpc::get_status(code(&e), e.to_string()))
+}
+
+impl From<ShimError> for ttrpc::Error {
+    fn from(e: ShimError) -> ttrpc::Error {
+        status(e)
+    }
+}
 
 /// containerd's `Any` for the metrics it reads for a v2 cgroup.
-fn metrics_any(s: &agent_proto::StatsResponse) -> ttrpc::Result<Any> {
+fn metrics_any(id: &str, s: &agent_proto::StatsResponse) -> error::Result<Any> {
     use containerd_shim_protos::cgroups_v2::metrics as m;
     let mut metrics = m::Metrics::new();
     if let Some(c) = s.cpu.as_ref() {
@@ -77,9 +153,10 @@ fn metrics_any(s: &agent_proto::StatsResponse) -> ttrpc::Result<Any> {
     }
     Ok(Any {
         type_url: "io.containerd.cgroups.v2.Metrics".into(),
-        value: metrics
-            .write_to_bytes()
-            .map_err(|e| err(Code::INTERNAL, e))?,
+        value: metrics.write_to_bytes().map_err(|e| ShimError::Metrics {
+            id: id.into(),
+            cause: e.to_string(),
+        })?,
         ..Default::default()
     })
 }
@@ -115,7 +192,13 @@ impl Task for Service {
         _ctx: &TtrpcContext,
         req: api::DeleteRequest,
     ) -> TtrpcResult<api::DeleteResponse> {
-        self.0.delete(&req.id, &req.exec_id).await
+        let (pid, exit) = self.0.delete(&req.id, &req.exec_id).await?;
+        Ok(api::DeleteResponse {
+            pid,
+            exit_status: exit.status,
+            exited_at: MessageField::some(exit.at),
+            ..Default::default()
+        })
     }
 
     async fn exec(
@@ -128,14 +211,14 @@ impl Task for Service {
             .as_ref()
             .map(|a| a.value.clone())
             .unwrap_or_default();
-        if serde_json::from_slice::<Value>(&spec).is_err() {
-            return Err(err(
-                Code::INVALID_ARGUMENT,
-                format!(
-                    "exec {} in task {}: its process spec is not JSON",
-                    req.exec_id, req.id
-                ),
-            ));
+        // Read as the agent will: a process it cannot parse is refused here, by name.
+        if let Err(e) = serde_json::from_slice::<oci_spec::runtime::Process>(&spec) {
+            return Err(ShimError::ExecSpec {
+                id: req.id,
+                exec_id: req.exec_id,
+                cause: e.to_string(),
+            }
+            .into());
         }
         let stdio = StdioPaths {
             stdin: req.stdin.clone(),
@@ -143,30 +226,9 @@ impl Task for Service {
             stderr: req.stderr.clone(),
             terminal: req.terminal,
         };
-        {
-            let mut st = self.0.state.lock().await;
-            let c = st
-                .containers
-                .get_mut(&req.id)
-                .ok_or_else(|| err(Code::NOT_FOUND, format!("task {} not found", req.id)))?;
-            if c.main.exited().is_some() {
-                return Err(err(
-                    Code::FAILED_PRECONDITION,
-                    format!(
-                        "exec {} in task {}: the task has exited",
-                        req.exec_id, req.id
-                    ),
-                ));
-            }
-            if c.execs.contains_key(&req.exec_id) {
-                return Err(err(
-                    Code::ALREADY_EXISTS,
-                    format!("exec {} in task {} already exists", req.exec_id, req.id),
-                ));
-            }
-            c.execs
-                .insert(req.exec_id.clone(), Process::new(stdio, Some(spec)));
-        }
+        self.0
+            .add_exec(&req.id, &req.exec_id, Process::new(stdio, Some(spec)))
+            .await?;
         self.0
             .publish(TaskExecAdded {
                 container_id: req.id,
@@ -193,7 +255,7 @@ impl Task for Service {
         vm.agent
             .resize_tty(self.0.agent_ctx(), &areq)
             .await
-            .map_err(|e| agent_err(&format!("task {}: ResizePty", req.id), e))?;
+            .map_err(error::agent(format!("task {}: ResizePty", req.id)))?;
         Ok(api::Empty::new())
     }
 
@@ -202,8 +264,9 @@ impl Task for Service {
         _ctx: &TtrpcContext,
         req: api::StateRequest,
     ) -> TtrpcResult<api::StateResponse> {
-        let pid = self.0.state.lock().await.vm.as_ref().map_or(0, |v| v.pid);
-        self.0
+        let pid = self.0.vmm_pid().await;
+        Ok(self
+            .0
             .with_process(&req.id, &req.exec_id, |c, p| {
                 let exit = p.exited();
                 api::StateResponse {
@@ -221,7 +284,7 @@ impl Task for Service {
                     ..Default::default()
                 }
             })
-            .await
+            .await?)
     }
 
     async fn pids(
@@ -238,7 +301,7 @@ impl Task for Service {
             .agent
             .list_pids(self.0.agent_ctx(), &areq)
             .await
-            .map_err(|e| agent_err(&format!("task {}: Pids", req.id), e))?;
+            .map_err(error::agent(format!("task {}: Pids", req.id)))?;
         Ok(api::PidsResponse {
             processes: pids
                 .pids
@@ -283,10 +346,7 @@ impl Task for Service {
         _ctx: &TtrpcContext,
         req: api::CheckpointTaskRequest,
     ) -> TtrpcResult<api::Empty> {
-        Err(err(
-            Code::UNIMPLEMENTED,
-            format!("task {}: peapod does not checkpoint VM pods", req.id),
-        ))
+        Err(ShimError::Checkpoint { id: req.id }.into())
     }
 
     async fn kill(&self, _ctx: &TtrpcContext, req: api::KillRequest) -> TtrpcResult<api::Empty> {
@@ -297,14 +357,10 @@ impl Task for Service {
             })
             .await?;
         if exited {
-            return Err(err(
-                Code::NOT_FOUND,
-                format!(
-                    "task {}{}: process already finished",
-                    req.id,
-                    exec_label(&req.exec_id)
-                ),
-            ));
+            return Err(ShimError::AlreadyFinished {
+                what: format!("task {}{}", req.id, exec_label(&req.exec_id)),
+            }
+            .into());
         }
         if !started && req.exec_id.is_empty() {
             // Killing a created-not-started container: it never ran, it has exited.
@@ -327,7 +383,7 @@ impl Task for Service {
         vm.agent
             .signal_process(self.0.agent_ctx(), &areq)
             .await
-            .map_err(|e| agent_err(&format!("task {}: Kill", req.id), e))?;
+            .map_err(error::agent(format!("task {}: Kill", req.id)))?;
         Ok(api::Empty::new())
     }
 
@@ -365,7 +421,7 @@ impl Task for Service {
         vm.agent
             .update_container(self.0.agent_ctx(), &areq)
             .await
-            .map_err(|e| agent_err(&format!("task {}: Update", req.id), e))?;
+            .map_err(error::agent(format!("task {}: Update", req.id)))?;
         Ok(api::Empty::new())
     }
 
@@ -381,7 +437,7 @@ impl Task for Service {
         let exit = rx
             .wait_for(Option::is_some)
             .await
-            .map_err(|_| err(Code::NOT_FOUND, format!("task {} was deleted", req.id)))?
+            .map_err(|_| ShimError::Deleted { id: req.id.clone() })?
             .clone()
             .expect("waited for Some");
         Ok(api::WaitResponse {
@@ -405,9 +461,9 @@ impl Task for Service {
             .agent
             .stats_container(self.0.agent_ctx(), &areq)
             .await
-            .map_err(|e| agent_err(&format!("task {}: Stats", req.id), e))?;
+            .map_err(error::agent(format!("task {}: Stats", req.id)))?;
         Ok(api::StatsResponse {
-            stats: MessageField::some(metrics_any(&s)?),
+            stats: MessageField::some(metrics_any(&req.id, &s)?),
             ..Default::default()
         })
     }
@@ -417,7 +473,7 @@ impl Task for Service {
         _ctx: &TtrpcContext,
         _req: api::ConnectRequest,
     ) -> TtrpcResult<api::ConnectResponse> {
-        let pid = self.0.state.lock().await.vm.as_ref().map_or(0, |v| v.pid);
+        let pid = self.0.vmm_pid().await;
         Ok(api::ConnectResponse {
             shim_pid: std::process::id(),
             task_pid: pid,
@@ -451,10 +507,41 @@ mod tests {
             }),
             ..Default::default()
         };
-        let any = metrics_any(&s).unwrap();
+        let any = metrics_any("c1", &s).unwrap();
         assert_eq!(any.type_url, "io.containerd.cgroups.v2.Metrics");
         let m = Metrics::parse_from_bytes(&any.value).unwrap();
         assert_eq!(m.memory.usage, 5 << 20);
         assert_eq!(m.memory.usage_limit, 64 << 20);
+    }
+
+    fn code_and_message(e: ShimError) -> (Code, String) {
+        match status(e) {
+            ttrpc::Error::RpcStatus(s) => (s.code(), s.message().to_string()),
+            other => panic!("not a status: {other}"),
+        }
+    }
+
+    #[test]
+    fn shim_errors_reach_containerd_with_the_code_it_acts_on() {
+        let (code, msg) = code_and_message(ShimError::TaskNotFound { id: "c1".into() });
+        assert_eq!(code, Code::NOT_FOUND);
+        assert!(msg.contains("task c1"), "{msg}");
+        let (code, msg) = code_and_message(ShimError::NoFreeSlot {
+            path: "/l.img".into(),
+            slots: 12,
+        });
+        assert_eq!(code, Code::RESOURCE_EXHAUSTED);
+        assert!(
+            msg.contains("/l.img") && msg.contains("block_slots"),
+            "{msg}"
+        );
+        // The agent's answer keeps its code; a lost agent is UNAVAILABLE.
+        let answered = ttrpc::Error::RpcStatus(ttrpc::get_status(Code::NOT_FOUND, "no c1"));
+        let (code, msg) = code_and_message(error::agent("task c1: Kill")(answered));
+        assert_eq!(code, Code::NOT_FOUND);
+        assert_eq!(msg, "task c1: Kill: the guest agent answered: no c1");
+        let lost = ttrpc::Error::LocalClosed;
+        let (code, _) = code_and_message(error::agent("task c1: Kill")(lost));
+        assert_eq!(code, Code::UNAVAILABLE);
     }
 }

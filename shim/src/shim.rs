@@ -6,17 +6,17 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use crate::config::{Config, CONFIG_ENV};
+use crate::sandbox_vm;
+use crate::service::Service;
+use crate::spec::{OciSpec, BUNDLE_SPEC};
+use crate::state::{self, TaskRecord};
 use async_trait::async_trait;
 use containerd_shim::asynchronous::{ExitSignal, Shim};
 use containerd_shim::publisher::RemotePublisher;
 use containerd_shim::{Config as ShimConfig, Error, Flags, StartOpts};
 use containerd_shim_protos::api;
 use containerd_shim_protos::protobuf::MessageField;
-use serde_json::Value;
-
-use crate::config::{Config, CONFIG_ENV};
-use crate::pod::{self, Service};
-use crate::state::{self, TaskRecord};
 
 /// The runtime type containerd knows the shim by.
 pub const RUNTIME_TYPE: &str = "io.containerd.peapod.v2";
@@ -64,16 +64,13 @@ impl Shim for PeapodShim {
     /// One shim per pod: containers carrying the same `io.kubernetes.cri.sandbox-id`
     /// share the socket of the first; a container without it is a pod of its own.
     async fn start_shim(&mut self, opts: StartOpts) -> Result<String, Error> {
-        let spec: Value = std::fs::read("config.json")
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok())
-            .ok_or_else(|| {
-                other(format!(
-                    "task {}: no readable config.json in the bundle",
-                    opts.id
-                ))
-            })?;
-        let (grouping, _) = pod::pod_identity(&opts.id, &spec);
+        let spec = OciSpec::read(Path::new(".")).map_err(|e| {
+            other(format!(
+                "task {}: no readable {BUNDLE_SPEC} in the bundle: {e}",
+                opts.id
+            ))
+        })?;
+        let (grouping, _) = spec.pod_identity(&opts.id);
         let address = containerd_shim::socket_address(&opts.address, &opts.namespace, &grouping);
         let socket_path = address.trim_start_matches("unix://").to_string();
         if std::os::unix::net::UnixStream::connect(&socket_path).is_ok() {
@@ -151,7 +148,7 @@ pub fn cleanup_from_bundle(bundle: &Path) -> std::io::Result<()> {
     };
     state::remove_dir(&rec.work_dir)?;
     if rec.sandbox {
-        pod::cleanup_pod_dir(&rec.pod_dir)?;
+        sandbox_vm::cleanup_pod_dir(&rec.pod_dir)?;
     }
     match std::fs::remove_file(bundle.join(state::BUNDLE_FILE)) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
@@ -217,7 +214,7 @@ mod tests {
             pid: me,
             start_time: state::start_time(me).unwrap() + 1,
         };
-        state::write_json(&pod_dir.join("vmm.pid"), &rec).unwrap();
+        state::write_json(&pod_dir.join(state::VMM_RECORD), &rec).unwrap();
         let task = TaskRecord {
             pod_dir: pod_dir.clone(),
             work_dir: work_dir.clone(),

@@ -14,13 +14,32 @@
 //!                                 the VMM's mount namespace
 //! <state_dir>/<pod>/containers/<id>/   a container's upper disk and private images
 //! ```
+//!
+//! The names the shim writes are the constants below ([`BUNDLE_FILE`],
+//! [`VMM_RECORD`], [`NETWORK_RECORD`], [`CGROUP_RECORD`], [`CONTAINERS_DIR`]); the
+//! VMM's own (`vmm.log`, `vm/`, `jail/`) are in `VmPaths::in_dir` (`vmm.rs`).
 
 use std::io;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+/// In the bundle: the task's [`TaskRecord`].
 pub const BUNDLE_FILE: &str = "peapod.json";
+/// In the pod's directory: the VMM's [`VmmRecord`].
+pub const VMM_RECORD: &str = "vmm.pid";
+/// In the pod's directory: the pod's [`NetworkRecord`] (absent without a network).
+pub const NETWORK_RECORD: &str = "network.json";
+/// In the pod's directory: the VMM's cgroup directories (`cgroup::VmmCgroup`; absent
+/// when the sandbox's spec names no cgroupsPath).
+pub const CGROUP_RECORD: &str = "cgroup.json";
+/// In the pod's directory: one directory per container ([`container_dir`]).
+pub const CONTAINERS_DIR: &str = "containers";
+
+/// A container's directory in its pod's: its upper disk and private images.
+pub fn container_dir(pod_dir: &Path, id: &str) -> PathBuf {
+    pod_dir.join(CONTAINERS_DIR).join(id)
+}
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct TaskRecord {
@@ -77,9 +96,14 @@ pub fn start_time(pid: u32) -> Option<u64> {
 
 /// Kills the recorded VMM if that very process still runs, and waits for it to go.
 pub fn kill_vmm(pod_dir: &Path) -> io::Result<()> {
-    let Some(rec) = read_json::<VmmRecord>(&pod_dir.join("vmm.pid"))? else {
-        return Ok(());
-    };
+    match read_json::<VmmRecord>(&pod_dir.join(VMM_RECORD))? {
+        Some(rec) => kill_recorded(&rec),
+        None => Ok(()),
+    }
+}
+
+/// Kills the VMM `rec` names if that very process still runs, and waits for it to go.
+pub fn kill_recorded(rec: &VmmRecord) -> io::Result<()> {
     if start_time(rec.pid) != Some(rec.start_time) {
         return Ok(());
     }
@@ -191,7 +215,7 @@ mod tests {
             pid: me,
             start_time: start_time(me).unwrap() + 1,
         };
-        write_json(&dir.path().join("vmm.pid"), &rec).unwrap();
+        write_json(&dir.path().join(VMM_RECORD), &rec).unwrap();
         kill_vmm(dir.path()).unwrap();
         // Still here.
         kill_vmm(&dir.path().join("none")).unwrap();

@@ -11,10 +11,11 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use oci_spec::runtime::Mount;
 use peapod_agent_protocol::{AgentClient, CopyFileRequest};
-use serde_json::Value;
 
 use crate::agent::ctx;
+use crate::spec::OciSpec;
 
 /// Where the agent keeps copied files (its CopyFile paths are relative to this).
 pub const GUEST_SHARED_DIR: &str = "/run/peapod/shared";
@@ -48,36 +49,31 @@ pub struct Copy {
     pub guest: String,
 }
 
-fn is_bind(mount: &Value) -> bool {
-    mount.get("type").and_then(Value::as_str) == Some("bind")
+fn is_bind(mount: &Mount) -> bool {
+    mount.typ().as_deref() == Some("bind")
         || mount
-            .get("options")
-            .and_then(Value::as_array)
-            .is_some_and(|o| o.iter().any(|v| v == "bind" || v == "rbind"))
+            .options()
+            .iter()
+            .flatten()
+            .any(|o| o == "bind" || o == "rbind")
 }
 
 /// Rewrites the spec's bind mounts of host files and directories to guest copies and
 /// lists what to copy. Binds of host devices, sockets or /proc and /sys are refused:
 /// the guest has its own.
-pub fn plan(spec: &mut Value, id: &str) -> Result<Vec<Copy>, VolumeError> {
+pub fn plan(spec: &mut OciSpec, id: &str) -> Result<Vec<Copy>, VolumeError> {
     let mut copies: Vec<Copy> = Vec::new();
-    let Some(mounts) = spec.get_mut("mounts").and_then(Value::as_array_mut) else {
-        return Ok(copies);
-    };
-    for m in mounts.iter_mut() {
+    let mut rewrites = Vec::new();
+    for (index, m) in spec.mounts().iter().enumerate() {
         if !is_bind(m) {
             continue;
         }
         let source = m
-            .get("source")
-            .and_then(Value::as_str)
-            .unwrap_or("")
-            .to_string();
-        let destination = m
-            .get("destination")
-            .and_then(Value::as_str)
-            .unwrap_or("?")
-            .to_string();
+            .source()
+            .as_ref()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let destination = m.destination().display().to_string();
         let fail = |cause: String| VolumeError::Source {
             id: id.into(),
             destination: destination.clone(),
@@ -102,13 +98,16 @@ pub fn plan(spec: &mut Value, id: &str) -> Result<Vec<Copy>, VolumeError> {
             }
         }
         let guest = guest_name(Path::new(&source));
-        m["source"] = Value::String(format!("{GUEST_SHARED_DIR}/{guest}"));
+        rewrites.push((index, format!("{GUEST_SHARED_DIR}/{guest}")));
         if !copies.iter().any(|c| c.guest == guest) {
             copies.push(Copy {
                 host: source.into(),
                 guest,
             });
         }
+    }
+    for (index, source) in rewrites {
+        spec.set_mount_source(index, &source);
     }
     Ok(copies)
 }
@@ -271,17 +270,22 @@ mod tests {
     use super::*;
     use serde_json::json;
 
+    fn spec(v: serde_json::Value) -> OciSpec {
+        OciSpec::from_json(v).unwrap()
+    }
+
     #[test]
     fn binds_of_files_are_rewritten_and_listed_once() {
         let dir = tempfile::tempdir().unwrap();
         let hosts = dir.path().join("hosts");
         std::fs::write(&hosts, "127.0.0.1 localhost\n").unwrap();
-        let mut spec = json!({"mounts": [
+        let mut oci = spec(json!({"mounts": [
             {"destination": "/proc", "type": "proc", "source": "proc"},
             {"destination": "/etc/hosts", "type": "bind", "source": hosts, "options": ["rbind", "ro"]},
             {"destination": "/etc/hosts2", "source": hosts, "options": ["bind"]},
-        ]});
-        let copies = plan(&mut spec, "c1").unwrap();
+        ]}));
+        let copies = plan(&mut oci, "c1").unwrap();
+        let spec = oci.json();
         assert_eq!(copies.len(), 1);
         assert_eq!(copies[0].host, hosts);
         let src = spec["mounts"][1]["source"].as_str().unwrap();
@@ -295,17 +299,17 @@ mod tests {
 
     #[test]
     fn host_devices_and_missing_sources_are_refused_by_name() {
-        let mut spec = json!({"mounts": [
+        let mut spec = spec(json!({"mounts": [
             {"destination": "/x", "type": "bind", "source": "/nonexistent/peapod"},
-        ]});
+        ]}));
         let e = plan(&mut spec, "c1").unwrap_err().to_string();
         assert!(
             e.contains("c1") && e.contains("/x") && e.contains("/nonexistent/peapod"),
             "{e}"
         );
-        let mut spec = json!({"mounts": [
+        let mut spec = self::spec(json!({"mounts": [
             {"destination": "/dev/null2", "type": "bind", "source": "/dev/null"},
-        ]});
+        ]}));
         let e = plan(&mut spec, "c1").unwrap_err().to_string();
         assert!(e.contains("/dev/null") && e.contains("device"), "{e}");
     }
