@@ -15,7 +15,8 @@
 //!    them), SIGKILL seen as 137 / signal 9.
 //! e. Container c3 under a 16 MiB memory limit grows a shell string until the kernel
 //!    kills it: a `GetOomEvent` long poll started before it reports c3.
-//! f. Container c4 does some work and keeps its memory: `StatsContainer` sees memory,
+//! f. Container c4 (with the AppArmor and SELinux labels of containerd's CRI) does
+//!    some work and keeps its memory: `StatsContainer` sees memory,
 //!    CPU time and pids; `ListPids` has its process. It stays running.
 //! g. Bad input (a disk that is not attached, a spec that is not JSON) gets errors
 //!    naming the cause, and the agent still answers and c4 still runs.
@@ -40,13 +41,14 @@ use peapod_tests::agent::{
     RpcResult,
 };
 use peapod_tests::layers::{
-    app_layer, busybox_layer_any, oci_process, oci_spec, to_bytes, upper_disk, with_memory_limit,
-    DiskImage, APP_LAYER_CONTENT,
+    app_layer, busybox_layer_any, oci_process, oci_spec, to_bytes, upper_disk, with_lsm_labels,
+    with_memory_limit, with_seccomp, without_no_new_privs, DiskImage, APP_LAYER_CONTENT,
 };
 use peapod_tests::{
     api_with_body, guest_kernel_release, host_kernel_release, require_kvm, require_root,
     VmmOptions, VmmProcess, BOOT_TIMEOUT,
 };
+use serde_json::json;
 
 const GUEST_CID: u32 = 3;
 const MEMORY_MIB: &str = "256";
@@ -377,7 +379,18 @@ fn the_agent_runs_containers_on_one_vm() {
     let c2 = step(&conn, &log, "c2", |id| {
         let req = create_request(
             id,
-            &oci_spec(&["sleep", "1000"], false),
+            &without_no_new_privs(with_seccomp(
+                oci_spec(&["sleep", "1000"], false),
+                json!({
+                    "defaultAction": "SCMP_ACT_ALLOW",
+                    "architectures": ["SCMP_ARCH_X86_64"],
+                    "syscalls": [{
+                        "names": ["chmod", "fchmod", "fchmodat", "fchmodat2"],
+                        "action": "SCMP_ACT_ERRNO",
+                        "errnoRet": 1,
+                    }],
+                }),
+            )),
             rootfs_of(&[&base], tmpfs_upper()),
             stdio(false, false, false, false),
         );
@@ -393,14 +406,25 @@ fn the_agent_runs_containers_on_one_vm() {
     });
     let c2 = c2.as_str();
 
-    // e1: stdin in, stdout out; closing stdin ends `cat`.
+    // e1: stdin in, stdout out; closing stdin ends `cat`. c2's seccomp profile
+    // (chmod refused) holds for the exec and for c2's own process, though neither
+    // has no_new_privs nor CAP_SYS_ADMIN.
     step(&conn, &log, "e1", |exec_id| {
-        let req = exec_request(
-            c2,
-            exec_id,
-            &["sh", "-c", "cat; echo done"],
-            stdio(true, true, false, false),
+        let mut process = oci_process(
+            &[
+                "sh",
+                "-c",
+                "cat; awk '/^Seccomp:/ { print $2 }' /proc/self/status /proc/1/status; \
+                 chmod 700 /tmp 2>&1; echo done",
+            ],
+            false,
         );
+        process
+            .as_object_mut()
+            .expect("a process object")
+            .remove("noNewPrivileges");
+        let mut req = exec_request(c2, exec_id, &[], stdio(true, true, false, false));
+        req.oci_process = to_bytes(&process);
         ok("ExecProcess e1", conn.exec_process(&req));
         let mut stdin =
             attach(&uds, StdioStream::Stdin, c2, exec_id).expect("attaching e1's stdin");
@@ -411,7 +435,7 @@ fn the_agent_runs_containers_on_one_vm() {
         let got = text(&read_all_with_timeout(&mut stdout, IO_TIMEOUT));
         let exit = wait(&conn, c2, exec_id, IO_TIMEOUT)?;
         check(
-            got == "ping\ndone\n",
+            got == "ping\n2\n2\nchmod: /tmp: Operation not permitted\ndone\n",
             format!("e1's stdout {got:?} (exit {exit:?})"),
         )?;
         check(
@@ -500,11 +524,13 @@ fn the_agent_runs_containers_on_one_vm() {
     remove(&conn, &c3);
 
     // (f) c4 works, fills 8 MiB of its /dev/shm (tmpfs memory is charged to its
-    // cgroup), and sleeps (the shell stays: `sleep` is not its last command).
+    // cgroup), and sleeps (the shell stays: `sleep` is not its last command). Its
+    // spec carries the labels containerd's CRI adds on AppArmor and SELinux nodes,
+    // which the guest (with neither) does not apply.
     let (c4, c4_pid) = step(&conn, &log, "c4", |id| {
         let req = create_request(
             id,
-            &oci_spec(
+            &with_lsm_labels(oci_spec(
                 &[
                     "sh",
                     "-c",
@@ -513,7 +539,7 @@ fn the_agent_runs_containers_on_one_vm() {
                      sleep 1000; echo $i",
                 ],
                 false,
-            ),
+            )),
             rootfs_of(&[&base], tmpfs_upper()),
             stdio(false, false, false, false),
         );
