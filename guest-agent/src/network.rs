@@ -24,8 +24,7 @@ use std::net::{IpAddr, Ipv4Addr};
 
 use netlink_packet_core::{
     DecodeError, DefaultNla, Emitable, NetlinkBuffer, NetlinkHeader, NlasIterator, NLMSG_DONE,
-    NLMSG_ERROR, NLM_F_ACK, NLM_F_ACK_TLVS, NLM_F_CAPPED, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL,
-    NLM_F_REQUEST,
+    NLMSG_ERROR, NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL, NLM_F_REQUEST,
 };
 use netlink_packet_route::address::{AddressHeader, AddressScope};
 use netlink_packet_route::link::{LinkFlags, LinkHeader};
@@ -35,6 +34,7 @@ use netlink_sys::{protocols::NETLINK_ROUTE, Socket};
 use nix::libc;
 use nix::sys::socket::{setsockopt, sockopt};
 use nix::sys::time::TimeVal;
+use peapod_netlink::{check_ifname, kernel_message, NETLINK_HEADER_LEN};
 
 use crate::sandbox::SandboxError;
 
@@ -225,24 +225,6 @@ fn parse_optional_ip(
     }
 }
 
-/// The kernel's rules for a network interface name (`dev_valid_name`).
-fn check_ifname(name: &str) -> Result<(), &'static str> {
-    if name.is_empty() {
-        Err("is empty")
-    } else if name.len() > 15 {
-        Err("is longer than 15 bytes, the kernel's limit")
-    } else if name == "." || name == ".." {
-        Err("is not a valid interface name")
-    } else if name
-        .chars()
-        .any(|c| c == '/' || c == ':' || c.is_whitespace() || c.is_control())
-    {
-        Err("has a '/', ':', space or control character, which the kernel refuses")
-    } else {
-        Ok(())
-    }
-}
-
 impl Ipv4Cidr {
     fn network(&self) -> Ipv4Addr {
         Ipv4Addr::from(u32::from(self.addr) & self.mask())
@@ -323,9 +305,6 @@ pub fn configure_network(net: &SandboxNetwork) -> Result<(), SandboxError> {
     let steps = plan(net, &links)?;
     rtnl.apply(&steps)
 }
-
-/// The size of a `struct nlmsghdr`.
-const NETLINK_HEADER_LEN: usize = 16;
 
 /// A guest link as the dump shows it.
 #[derive(Debug, Clone)]
@@ -923,29 +902,6 @@ impl Link {
     }
 }
 
-/// The kernel's words about a failure (`NLMSGERR_ATTR_MSG` of an extended ACK): the
-/// error's payload is the request's header (or the whole request unless capped), then
-/// attributes.
-fn kernel_message(flags: u16, payload: &[u8]) -> Option<String> {
-    const NLMSGERR_ATTR_MSG: u16 = 1;
-    if flags & NLM_F_ACK_TLVS == 0 {
-        return None;
-    }
-    let at = if flags & NLM_F_CAPPED != 0 {
-        NETLINK_HEADER_LEN
-    } else {
-        u32::from_ne_bytes(payload.get(..4)?.try_into().ok()?) as usize
-    };
-    for nla in NlasIterator::new(payload.get(at.next_multiple_of(4)..)?) {
-        let nla = nla.ok()?;
-        if nla.kind() == NLMSGERR_ATTR_MSG {
-            let text = nla.value().split(|b| *b == 0).next().unwrap_or_default();
-            return Some(String::from_utf8_lossy(text).into_owned());
-        }
-    }
-    None
-}
-
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
@@ -1263,29 +1219,6 @@ pub(crate) mod tests {
             plan(&no_dev, &links).unwrap_err().to_string(),
             "route 10.0.0.0/8 dev eth9: no guest interface is named eth9 (there are: eth0, lo)"
         );
-    }
-
-    #[test]
-    fn kernel_messages_are_read_from_extended_acks() {
-        // An error for a 20-byte request (not capped), then NLMSGERR_ATTR_MSG.
-        let mut payload = vec![0u8; 20];
-        payload[..4].copy_from_slice(&20u32.to_ne_bytes());
-        let text = b"Nexthop has invalid gateway\0";
-        let len = 4 + text.len();
-        payload.extend_from_slice(&(len as u16).to_ne_bytes());
-        payload.extend_from_slice(&1u16.to_ne_bytes());
-        payload.extend_from_slice(text);
-        payload.resize(payload.len().next_multiple_of(4), 0);
-        assert_eq!(
-            kernel_message(NLM_F_ACK_TLVS, &payload).as_deref(),
-            Some("Nexthop has invalid gateway")
-        );
-        assert_eq!(kernel_message(0, &payload), None);
-        assert_eq!(
-            kernel_message(NLM_F_ACK_TLVS | NLM_F_CAPPED, &payload[4..]).as_deref(),
-            Some("Nexthop has invalid gateway")
-        );
-        assert_eq!(kernel_message(NLM_F_ACK_TLVS, &payload[..22]), None);
     }
 
     // Real netlink, in a network namespace of a test thread's own.

@@ -35,8 +35,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use netlink_packet_core::{
-    NetlinkBuffer, NetlinkHeader, NetlinkMessage, NetlinkPayload, NlasIterator, NLM_F_ACK,
-    NLM_F_ACK_TLVS, NLM_F_CAPPED, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL, NLM_F_REQUEST,
+    NetlinkBuffer, NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_CREATE,
+    NLM_F_DUMP, NLM_F_EXCL, NLM_F_REQUEST,
 };
 use netlink_packet_route::address::{AddressAttribute, AddressMessage};
 use netlink_packet_route::link::{LinkAttribute, LinkExtentMask, LinkFlags, LinkMessage};
@@ -50,6 +50,7 @@ use netlink_packet_route::tc::{
 };
 use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
 use netlink_sys::{protocols::NETLINK_ROUTE, Socket};
+use peapod_netlink::{check_ifname, kernel_message};
 
 /// One IPv4 route for the guest, as the agent's protocol has it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -220,24 +221,6 @@ fn in_netns<T: Send + 'static>(
                 .unwrap_or_default();
             Err(NetworkError::Panicked { netns: ns, message })
         }
-    }
-}
-
-/// The kernel's rules for a network interface name (`dev_valid_name`).
-fn check_ifname(name: &str) -> Result<(), &'static str> {
-    if name.is_empty() {
-        Err("is empty")
-    } else if name.len() > 15 {
-        Err("is longer than 15 bytes, the kernel's limit")
-    } else if name == "." || name == ".." {
-        Err("is not a valid interface name")
-    } else if name
-        .chars()
-        .any(|c| c == '/' || c == ':' || c.is_whitespace() || c.is_control())
-    {
-        Err("has a '/', ':', space or control character, which the kernel refuses")
-    } else {
-        Ok(())
     }
 }
 
@@ -829,30 +812,6 @@ fn malformed(e: impl fmt::Display) -> io::Error {
         io::ErrorKind::InvalidData,
         format!("malformed netlink answer: {e}"),
     )
-}
-
-/// The kernel's words about a failure (`NLMSGERR_ATTR_MSG` of an extended ACK): the
-/// error's payload after its code is the request's header (or the whole request
-/// unless capped), then attributes.
-fn kernel_message(flags: u16, payload: &[u8]) -> Option<String> {
-    const NETLINK_HEADER_LEN: usize = 16;
-    const NLMSGERR_ATTR_MSG: u16 = 1;
-    if flags & NLM_F_ACK_TLVS == 0 {
-        return None;
-    }
-    let at = if flags & NLM_F_CAPPED != 0 {
-        NETLINK_HEADER_LEN
-    } else {
-        u32::from_ne_bytes(payload.get(..4)?.try_into().ok()?) as usize
-    };
-    for nla in NlasIterator::new(payload.get(at.next_multiple_of(4)..)?) {
-        let nla = nla.ok()?;
-        if nla.kind() == NLMSGERR_ATTR_MSG {
-            let text = nla.value().split(|b| *b == 0).next().unwrap_or_default();
-            return Some(String::from_utf8_lossy(text).into_owned());
-        }
-    }
-    None
 }
 
 #[cfg(test)]

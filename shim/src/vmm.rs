@@ -1,5 +1,5 @@
-//! The pod's VMM: a `peapod-vmm` child process, and a client of its control API
-//! (JSON over HTTP/1.1 on a unix socket, one request per connection).
+//! The pod's VMM: a `peapod-vmm` child process, and its control API through
+//! `peapod-vmm-api`'s blocking client, run on tokio's blocking threads.
 
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -9,6 +9,8 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use std::process::{Command, ExitStatus};
+
+use peapod_vmm_api::{BlockSet, ClientError, VmmClient};
 use tokio::sync::oneshot;
 
 use crate::cgroup::{self, CgroupError, VmmCgroup};
@@ -17,8 +19,8 @@ use crate::jail::{self, Jail, JailSpec};
 
 /// The fd number the tap has in the VMM (`--net fd=3`).
 const TAP_FD: i32 = 3;
-/// How long one API request may take.
-const API_TIMEOUT: Duration = Duration::from_secs(30);
+/// How often `wait_ready` asks the VMM again.
+const READY_POLL: Duration = Duration::from_millis(20);
 /// The guest CID every pod's VM gets: the vsock device is the VM's own, so CIDs need
 /// not be unique on the host.
 pub const GUEST_CID: u32 = 3;
@@ -41,17 +43,16 @@ pub enum VmmError {
     Cgroup(#[from] CgroupError),
     #[error("disk image {path}: {source} (was it removed while the pod used it?)")]
     Disk { path: PathBuf, source: io::Error },
-    #[error("VMM API {what} on {socket}: {source}")]
-    Io {
-        what: String,
+    #[error(transparent)]
+    Api(#[from] ClientError),
+    #[error(
+        "VMM API on {}: the shim's blocking task for the call ended: {source} (is the \
+         shim shutting down?)",
+        socket.display()
+    )]
+    ApiTask {
         socket: PathBuf,
-        source: io::Error,
-    },
-    #[error("VMM API {what}: the VMM answered {status}: {body}")]
-    Status {
-        what: String,
-        status: u16,
-        body: String,
+        source: tokio::task::JoinError,
     },
 }
 
@@ -279,26 +280,36 @@ fn command(spec: &VmSpec) -> Result<Command, VmmError> {
     Ok(cmd)
 }
 
-/// The VMM's control API.
+/// The VMM's control API: `peapod-vmm-api`'s client, each call on a blocking thread.
 #[derive(Debug, Clone)]
 pub struct VmmApi {
-    socket: PathBuf,
+    client: VmmClient,
 }
 
 impl VmmApi {
     pub fn new(socket: PathBuf) -> VmmApi {
-        VmmApi { socket }
+        VmmApi {
+            client: VmmClient::new(socket),
+        }
     }
 
     /// Waits until the API socket answers `vm.info` (the VMM creates it before the
-    /// first guest instruction), or `timeout`.
+    /// first guest instruction), or `timeout`. Each try is one call, so that a caller
+    /// that stops waiting (the VMM died) leaves no thread polling.
     pub async fn wait_ready(&self, timeout: Duration) -> Result<(), VmmError> {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
-            match self.request("GET", "vm.info", "", None).await {
+            match self.call(VmmClient::info).await {
                 Ok(_) => return Ok(()),
+                Err(VmmError::Api(last)) if tokio::time::Instant::now() >= deadline => {
+                    return Err(VmmError::Api(ClientError::NotReady {
+                        socket: self.client.socket().into(),
+                        waited: timeout,
+                        last: Box::new(last),
+                    }))
+                }
                 Err(e) if tokio::time::Instant::now() >= deadline => return Err(e),
-                Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+                Err(_) => tokio::time::sleep(READY_POLL).await,
             }
         }
     }
@@ -321,101 +332,44 @@ impl VmmApi {
                 path: path.into(),
                 source,
             })?;
-        let body = serde_json::json!({
-            "slot": slot, "path": path, "read_only": read_only, "id": serial, "fd": true,
-        });
-        self.request("PUT", "block.set", &body.to_string(), Some(file))
-            .await
-            .map(drop)
+        let set = BlockSet {
+            slot,
+            path: path.into(),
+            read_only,
+            id: Some(serial.into()),
+            fd: true,
+        };
+        self.call(move |c| c.block_set_open(&set, &file)).await
     }
 
     /// Empties a slot again.
     pub async fn block_clear(&self, slot: u32) -> Result<(), VmmError> {
-        let body = serde_json::json!({ "slot": slot });
-        self.request("PUT", "block.clear", &body.to_string(), None)
-            .await
-            .map(drop)
+        self.call(move |c| c.block_clear(slot)).await
     }
 
     pub async fn pause(&self) -> Result<(), VmmError> {
-        self.request("PUT", "vm.pause", "", None).await.map(drop)
+        self.call(VmmClient::pause).await
     }
 
     pub async fn resume(&self) -> Result<(), VmmError> {
-        self.request("PUT", "vm.resume", "", None).await.map(drop)
+        self.call(VmmClient::resume).await
     }
 
-    /// One request, with `file` passed along if given; returns the body of a 2xx
-    /// answer.
-    async fn request(
-        &self,
-        method: &str,
-        call: &str,
-        body: &str,
-        file: Option<std::fs::File>,
-    ) -> Result<String, VmmError> {
-        let what = format!("{method} {call}");
-        let io_err = |source| VmmError::Io {
-            what: what.clone(),
-            socket: self.socket.clone(),
-            source,
-        };
-        let content_type = if body.is_empty() {
-            ""
-        } else {
-            "Content-Type: application/json\r\n"
-        };
-        let req = format!(
-            "{method} /api/v1/{call} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\
-             {content_type}Content-Length: {}\r\n\r\n{body}",
-            body.len()
-        );
-        let socket = self.socket.clone();
-        let reply = tokio::task::spawn_blocking(move || exchange(&socket, req.as_bytes(), file))
+    /// One call of the blocking client, off the async threads.
+    async fn call<T, F>(&self, f: F) -> Result<T, VmmError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&VmmClient) -> Result<T, ClientError> + Send + 'static,
+    {
+        let client = self.client.clone();
+        tokio::task::spawn_blocking(move || f(&client))
             .await
-            .unwrap_or_else(|e| Err(io::Error::other(e)))
-            .map_err(io_err)?;
-        let status: u16 = reply
-            .split_whitespace()
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .ok_or_else(|| {
-                io_err(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    format!("not an HTTP reply: {reply:?}"),
-                ))
-            })?;
-        let body = reply.split_once("\r\n\r\n").map(|x| x.1).unwrap_or("");
-        if (200..300).contains(&status) {
-            Ok(body.to_string())
-        } else {
-            Err(VmmError::Status {
-                what,
-                status,
-                body: body.trim().to_string(),
-            })
-        }
+            .map_err(|source| VmmError::ApiTask {
+                socket: self.client.socket().into(),
+                source,
+            })?
+            .map_err(VmmError::Api)
     }
-}
-
-/// One request and its whole reply, on a connection of its own; `file` rides on the
-/// request's first bytes (SCM_RIGHTS).
-fn exchange(socket: &Path, req: &[u8], file: Option<std::fs::File>) -> io::Result<String> {
-    use std::io::{Read, Write};
-    use vmm_sys_util::sock_ctrl_msg::ScmSocket;
-    let mut s = std::os::unix::net::UnixStream::connect(socket)?;
-    s.set_read_timeout(Some(API_TIMEOUT))?;
-    s.set_write_timeout(Some(API_TIMEOUT))?;
-    let sent = match &file {
-        Some(f) => s
-            .send_with_fd(req, f.as_raw_fd())
-            .map_err(io::Error::from)?,
-        None => 0,
-    };
-    s.write_all(&req[sent..])?;
-    let mut reply = Vec::new();
-    s.read_to_end(&mut reply)?;
-    Ok(String::from_utf8_lossy(&reply).into_owned())
 }
 
 /// The last `max` bytes of the VMM's log, for error messages.

@@ -20,7 +20,7 @@ use peapod_agent_protocol::{
 };
 use peapod_tests::agent::{attach, AgentConn, GuestLog};
 use peapod_tests::layers::{busybox_layer_any, oci_spec, to_bytes, DiskImage};
-use peapod_tests::{api_with_body, require_kvm, VmmOptions, VmmProcess, BOOT_TIMEOUT};
+use peapod_tests::{require_kvm, VmmOptions, VmmProcess, BOOT_TIMEOUT};
 
 fn median(mut v: Vec<Duration>) -> Duration {
     v.sort();
@@ -36,13 +36,9 @@ fn boot(uds: &std::path::Path, layer: &DiskImage, cmdline: &str) -> (VmmProcess,
     }
     let vm = VmmProcess::start_with(&args, VmmOptions::default());
     let conn = AgentConn::connect(uds, BOOT_TIMEOUT).expect("the agent answers");
-    let (status, reply) = api_with_body(
-        &vm.api_socket,
-        "PUT",
-        "/api/v1/block.set",
-        &layer.block_set_body(0, true),
-    );
-    assert_eq!(status, 204, "block.set: {reply}");
+    vm.api()
+        .block_set(&layer.block_set(0, true))
+        .unwrap_or_else(|e| panic!("block.set: {e}"));
     (vm, conn)
 }
 

@@ -11,6 +11,7 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use peapod_vmm_api::BlockSet;
 use serde_json::{json, Value};
 
 /// Debian's busybox-static (a dynamic busybox would need a libc in the image).
@@ -42,15 +43,15 @@ pub struct DiskImage {
 }
 
 impl DiskImage {
-    /// The body of the VMM's `PUT /api/v1/block.set` that puts this disk in `slot`.
-    pub fn block_set_body(&self, slot: u32, read_only: bool) -> String {
-        json!({
-            "slot": slot,
-            "path": self.path,
-            "read_only": read_only,
-            "id": self.serial,
-        })
-        .to_string()
+    /// The VMM's `block.set` that puts this disk in `slot` (the VMM opens the path).
+    pub fn block_set(&self, slot: u32, read_only: bool) -> BlockSet {
+        BlockSet {
+            slot,
+            path: self.path.clone(),
+            read_only,
+            id: Some(self.serial.clone()),
+            fd: false,
+        }
     }
 
     /// The agent's `Disk` for this image.
@@ -428,7 +429,7 @@ mod tests {
         assert!(is_ext4(&upper.path));
         assert_eq!(std::fs::metadata(&upper.path).unwrap().len(), 64 << 20);
         assert_ne!(app.serial, upper.serial);
-        let body: Value = serde_json::from_str(&upper.block_set_body(3, false)).unwrap();
+        let body = serde_json::to_value(upper.block_set(3, false)).unwrap();
         assert_eq!(body["slot"], 3);
         assert_eq!(body["id"], upper.serial.as_str());
         assert_eq!(body["read_only"], false);

@@ -1,5 +1,6 @@
 //! Helpers for Peapod's integration tests and benchmarks: where the real artefacts
-//! are, a VMM process that cleans up after itself, and a client for its API.
+//! are, a VMM process that cleans up after itself, and its API's client
+//! ([`VmmProcess::api`], `peapod-vmm-api`'s, the one the shim uses).
 //!
 //! The artefacts come from the environment (`make test` sets them):
 //! `PEAPOD_KERNEL`, `PEAPOD_INITRD`, `PEAPOD_VMM`. Without them, the cached kernel and
@@ -7,13 +8,15 @@
 //! looked for beside the test binary. The device tests also use the test initramfs
 //! (`PEAPOD_TEST_INITRD`, or rootfs/build-test.sh): see [`probe`].
 
-use std::io::{Read, Write};
+use std::io::Read;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
+
+use peapod_vmm_api::VmmClient;
 
 pub mod agent;
 pub mod cni;
@@ -225,6 +228,11 @@ impl VmmProcess {
         self.child.id() as i32
     }
 
+    /// The client of this VMM's control API.
+    pub fn api(&self) -> VmmClient {
+        VmmClient::new(&self.api_socket)
+    }
+
     pub fn console_text(&self) -> String {
         std::fs::read_to_string(&self.console).unwrap_or_default()
     }
@@ -324,38 +332,6 @@ pub fn cpu_time_of(pid: i32) -> Duration {
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
     let ticks: f64 = f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap();
     Duration::from_secs_f64(ticks / hz)
-}
-
-/// One HTTP/1.1 request on the VMM's API socket: (status, body).
-pub fn api(socket: &Path, method: &str, path: &str) -> (u16, String) {
-    api_with_body(socket, method, path, "")
-}
-
-/// One HTTP/1.1 request with a (JSON) body on the VMM's API socket: (status, body).
-pub fn api_with_body(socket: &Path, method: &str, path: &str, body: &str) -> (u16, String) {
-    let mut s =
-        UnixStream::connect(socket).unwrap_or_else(|e| panic!("connect {}: {e}", socket.display()));
-    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    let content_type = if body.is_empty() {
-        ""
-    } else {
-        "Content-Type: application/json\r\n"
-    };
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n{content_type}Content-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    let mut reply = String::new();
-    s.read_to_string(&mut reply).unwrap();
-    let status = reply
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or_else(|| panic!("not an HTTP reply: {reply:?}"));
-    let body = reply.split_once("\r\n\r\n").map(|x| x.1).unwrap_or("");
-    (status, body.to_string())
 }
 
 /// The kernel release in the agent's ready line.

@@ -45,8 +45,8 @@ use peapod_tests::layers::{
     with_memory_limit, with_seccomp, without_no_new_privs, DiskImage, APP_LAYER_CONTENT,
 };
 use peapod_tests::{
-    api_with_body, guest_kernel_release, host_kernel_release, require_kvm, require_root,
-    VmmOptions, VmmProcess, BOOT_TIMEOUT,
+    guest_kernel_release, host_kernel_release, require_kvm, require_root, VmmOptions, VmmProcess,
+    BOOT_TIMEOUT,
 };
 use serde_json::json;
 
@@ -116,9 +116,10 @@ fn connect(vm: &mut Vm, uds: &Path) -> AgentConn {
 
 /// Puts `disk` in block slot `slot`.
 fn fill_slot(vm: &Vm, slot: u32, disk: &DiskImage, read_only: bool) {
-    let body = disk.block_set_body(slot, read_only);
-    let (status, reply) = api_with_body(&vm.0.api_socket, "PUT", "/api/v1/block.set", &body);
-    assert_eq!(status, 204, "block.set {body}: {reply}");
+    let set = disk.block_set(slot, read_only);
+    vm.0.api()
+        .block_set(&set)
+        .unwrap_or_else(|e| panic!("block.set {set:?}: {e}"));
 }
 
 fn stdio(stdin: bool, stdout: bool, stderr: bool, terminal: bool) -> MessageField<Stdio> {

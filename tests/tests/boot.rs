@@ -2,8 +2,10 @@
 
 use std::time::{Duration, Instant};
 
+use peapod_vmm_api::{paths, Method, VmState};
+
 use peapod_tests::{
-    api, guest_kernel_release, host_kernel_release, ready_release, VmmProcess, BOOT_TIMEOUT,
+    guest_kernel_release, host_kernel_release, ready_release, VmmProcess, BOOT_TIMEOUT,
     POWEROFF_AFTER_READY, READY_PREFIX,
 };
 
@@ -92,7 +94,9 @@ fn guest_without_a_console_boots_and_stays_up() {
         "the guest died after booting:\n{}",
         vm.stderr()
     );
-    assert_eq!(api(&vm.api_socket, "PUT", "/api/v1/vm.shutdown").0, 204);
+    vm.api()
+        .shutdown()
+        .unwrap_or_else(|e| panic!("vm.shutdown: {e}"));
     let status = vm.wait_exit(Duration::from_secs(10));
     let log = vm.stderr();
     assert!(
@@ -106,18 +110,16 @@ fn api_pauses_resumes_and_shuts_down_the_vm() {
     let mut vm = VmmProcess::start(&[]);
     vm.wait_for_api(Duration::from_secs(10));
     let sock = vm.api_socket.clone();
+    let api = vm.api();
 
-    let (status, body) = api(&sock, "GET", "/api/v1/vm.info");
-    assert_eq!(status, 200);
-    assert!(body.contains(r#""state":"running""#), "{body}");
+    let info = api.info().unwrap_or_else(|e| panic!("vm.info: {e}"));
+    assert_eq!(info.state, VmState::Running, "{info:?}");
 
-    assert_eq!(api(&sock, "PUT", "/api/v1/vm.pause").0, 204);
-    assert!(api(&sock, "GET", "/api/v1/vm.info")
-        .1
-        .contains(r#""state":"paused""#));
+    api.pause().unwrap_or_else(|e| panic!("vm.pause: {e}"));
+    assert_eq!(api.info().unwrap().state, VmState::Paused);
     assert_eq!(
-        api(&sock, "PUT", "/api/v1/vm.pause").0,
-        409,
+        api.pause().unwrap_err().status(),
+        Some(409),
         "pausing twice is a conflict"
     );
     // A booting guest on this host keeps its vCPU thread busy; a paused one costs nothing.
@@ -129,16 +131,21 @@ fn api_pauses_resumes_and_shuts_down_the_vm() {
         "paused VM used {paused_cpu:?} of CPU"
     );
 
-    assert_eq!(api(&sock, "PUT", "/api/v1/vm.resume").0, 204);
-    assert_eq!(api(&sock, "PUT", "/api/v1/vm.resume").0, 409);
+    api.resume().unwrap_or_else(|e| panic!("vm.resume: {e}"));
+    assert_eq!(api.resume().unwrap_err().status(), Some(409));
     vm.wait_for_console(READY_PREFIX, BOOT_TIMEOUT);
 
-    let (status, body) = api(&sock, "GET", "/api/v1/vm.nothing");
-    assert_eq!(status, 404);
-    assert!(body.contains("no such endpoint"), "{body}");
-    assert_eq!(api(&sock, "GET", "/api/v1/vm.shutdown").0, 405);
+    // What the typed calls cannot say: a path and a method the VMM does not serve.
+    let reply = api
+        .send(Method::Get, "/api/v1/vm.nothing", b"", None)
+        .unwrap();
+    assert_eq!(reply.status, 404);
+    assert!(reply.body.contains("no such endpoint"), "{}", reply.body);
+    let wrong_method = api.send(Method::Get, paths::VM_SHUTDOWN, b"", None);
+    assert_eq!(wrong_method.unwrap().status, 405);
 
-    assert_eq!(api(&sock, "PUT", "/api/v1/vm.shutdown").0, 204);
+    api.shutdown()
+        .unwrap_or_else(|e| panic!("vm.shutdown: {e}"));
     let status = vm.wait_exit(Duration::from_secs(10));
     assert!(status.success(), "{status}\n{}", vm.stderr());
     assert!(!sock.exists(), "the API socket is removed on shutdown");
@@ -163,9 +170,13 @@ fn shutdown_and_sigterm_while_paused_stop_the_vmm() {
     for stop in ["api", "sigterm"] {
         let mut vm = VmmProcess::start(&[]);
         vm.wait_for_api(Duration::from_secs(10));
-        assert_eq!(api(&vm.api_socket, "PUT", "/api/v1/vm.pause").0, 204);
+        vm.api()
+            .pause()
+            .unwrap_or_else(|e| panic!("{stop}: vm.pause: {e}"));
         if stop == "api" {
-            assert_eq!(api(&vm.api_socket, "PUT", "/api/v1/vm.shutdown").0, 204);
+            vm.api()
+                .shutdown()
+                .unwrap_or_else(|e| panic!("vm.shutdown: {e}"));
         } else {
             // SAFETY: kill(2) on our own child's pid.
             assert_eq!(unsafe { libc::kill(vm.pid(), libc::SIGTERM) }, 0);

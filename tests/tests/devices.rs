@@ -17,7 +17,8 @@ use std::time::{Duration, Instant};
 use peapod_tests::netns::{self, NetFixture, TcpEchoServer};
 use peapod_tests::probe::{echo_check, test_initrd, Probe, PROBE_CMDLINE};
 use peapod_tests::vsock::EchoListener;
-use peapod_tests::{api, api_with_body, require_root, VmmOptions, VmmProcess, BOOT_TIMEOUT};
+use peapod_tests::{require_root, VmmOptions, VmmProcess, BOOT_TIMEOUT};
+use peapod_vmm_api::{BlockSet, DeviceKind};
 
 /// The data disk: random, so that a hash match means every byte arrived.
 const DATA_BYTES: usize = 8 << 20;
@@ -114,8 +115,9 @@ fn start_vm(args: &[String], netns: Option<String>) -> VmmProcess {
 }
 
 fn shut_down(mut vm: VmmProcess) {
-    let (status, body) = api(&vm.api_socket, "PUT", "/api/v1/vm.shutdown");
-    assert_eq!(status, 204, "vm.shutdown: {body}");
+    vm.api()
+        .shutdown()
+        .unwrap_or_else(|e| panic!("vm.shutdown: {e}"));
     let exit = vm.wait_exit(Duration::from_secs(30));
     let log = vm.stderr();
     assert!(exit.success(), "VMM exit {exit}\n{log}");
@@ -218,12 +220,16 @@ fn block_slots_vsock_and_a_hostile_host_on_one_vm() {
     // read-only and holds the file; a write is refused; cleared, it empties again.
     let layer = make_ext4(files.path());
     let layer_sum = sha256_hex(&std::fs::read(&layer).unwrap());
-    let set = serde_json::json!({
-        "slot": 1, "path": layer, "read_only": true, "id": "layer0"
-    });
-    let (status, body) =
-        api_with_body(&vm.api_socket, "PUT", "/api/v1/block.set", &set.to_string());
-    assert!((200..300).contains(&status), "block.set: {status} {body}");
+    let set = BlockSet {
+        slot: 1,
+        path: layer.clone(),
+        read_only: true,
+        id: Some("layer0".into()),
+        fd: false,
+    };
+    vm.api()
+        .block_set(&set)
+        .unwrap_or_else(|e| panic!("block.set: {e}"));
     // Its exit code says little (the last command is the write test); the fields do.
     let (_, out) = probe.sh(&format!(
         "{}; read -r id </sys/block/vdb/serial; echo serial=$id; \
@@ -246,13 +252,9 @@ fn block_slots_vsock_and_a_hostile_host_on_one_vm() {
         layer_sum,
         "the read-only image changed"
     );
-    let (status, body) = api_with_body(
-        &vm.api_socket,
-        "PUT",
-        "/api/v1/block.clear",
-        r#"{"slot": 1}"#,
-    );
-    assert!((200..300).contains(&status), "block.clear: {status} {body}");
+    vm.api()
+        .block_clear(1)
+        .unwrap_or_else(|e| panic!("block.clear: {e}"));
     let out = probe.sh_ok(&wait_size("vdb", "="));
     assert_eq!(
         field(&out, "size"),
@@ -319,32 +321,26 @@ fn scribble_over_block_queue(vm: &mut VmmProcess, probe: &Probe) {
         .unwrap_or_else(|| {
             panic!("the VMM's debug log lacks `guest memory at host address 0x...`:\n{log}")
         });
-    let (status, body) = api(&vm.api_socket, "GET", "/api/v1/vm.info");
-    assert_eq!(status, 200, "{body}");
-    let info: serde_json::Value = serde_json::from_str(&body).unwrap();
-    let queue = info["devices"]
-        .as_array()
-        .and_then(|d| d.iter().find(|d| d["type"] == "block" && d["slot"] == 0))
-        .and_then(|d| d["queues"].get(0))
-        .unwrap_or_else(|| panic!("vm.info lacks devices[type=block, slot=0].queues[0]: {body}"));
-    let num = |k: &str| {
-        queue[k]
-            .as_u64()
-            .unwrap_or_else(|| panic!("queue field {k} in {queue}"))
-    };
-    let size = num("size");
-    assert!(size > 0, "the guest has not set the queue up: {queue}");
+    let info = vm.api().info().unwrap_or_else(|e| panic!("vm.info: {e}"));
+    let queue = info
+        .devices
+        .iter()
+        .find(|d| d.kind == DeviceKind::Block && d.slot == Some(0))
+        .and_then(|d| d.queues.first())
+        .unwrap_or_else(|| panic!("vm.info lacks devices[type=block, slot=0].queues[0]: {info:?}"));
+    let size = u64::from(queue.size);
+    assert!(size > 0, "the guest has not set the queue up: {queue:?}");
     // Split-ring layout (virtio 1.x, 2.6): 16-byte descriptors; flags, idx, ring,
     // event (u16s) for avail; flags, idx, (u32 id, u32 len) pairs, event for used.
     let areas = [
-        (num("desc"), 16 * size),
-        (num("avail"), 6 + 2 * size),
-        (num("used"), 6 + 8 * size),
+        (queue.desc, 16 * size),
+        (queue.avail, 6 + 2 * size),
+        (queue.used, 6 + 8 * size),
     ];
     for (gpa, len) in areas {
         assert!(
             gpa + len <= 3 << 30,
-            "queue area {gpa:#x}+{len} is not in the low RAM this test maps: {queue}"
+            "queue area {gpa:#x}+{len} is not in the low RAM this test maps: {queue:?}"
         );
     }
     let mem = OpenOptions::new()
@@ -411,8 +407,9 @@ fn scribble_over_block_queue(vm: &mut VmmProcess, probe: &Probe) {
         "the VMM died of garbage in a virtqueue: {ctx}\nlog:\n{}",
         vm.stderr()
     );
-    let (status, body) = api(&vm.api_socket, "GET", "/api/v1/vm.info");
-    assert_eq!(status, 200, "vm.info after the garbage: {body}\n{ctx}");
+    if let Err(e) = vm.api().info() {
+        panic!("vm.info after the garbage: {e}\n{ctx}");
+    }
     probe.wait_ready(vm, Duration::from_secs(120));
     assert_eq!(probe.sh_ok("echo alive"), "alive\n", "{ctx}");
     // The garbage must have reached the device, or this proved nothing.

@@ -7,7 +7,7 @@ use std::time::Duration;
 use peapod_tests::threads::{
     assert_all_filtered, make_thread_call, seccomp_mode, thread_named, threads, CallOutcome,
 };
-use peapod_tests::{api, require_root, VmmProcess};
+use peapod_tests::{require_root, VmmProcess};
 
 /// The VMM's thread names: the event loop keeps the binary's name.
 const CLASSES: [&str; 3] = ["peapod-vmm", "api", "vcpu0"];
@@ -19,7 +19,7 @@ fn started(args: &[&str]) -> VmmProcess {
     let mut vm = VmmProcess::start(args);
     vm.wait_for_api(Duration::from_secs(30));
     // The API answers once the event loop runs, after every filter is in.
-    assert_eq!(api(&vm.api_socket, "GET", "/api/v1/vm.info").0, 200);
+    vm.api().info().unwrap_or_else(|e| panic!("vm.info: {e}"));
     vm
 }
 
@@ -57,7 +57,9 @@ fn without_filters_the_vmm_says_so() {
         Duration::from_secs(2),
     );
     assert_eq!(outcome, CallOutcome::Survived);
-    assert_eq!(api(&vm.api_socket, "PUT", "/api/v1/vm.shutdown").0, 204);
+    vm.api()
+        .shutdown()
+        .unwrap_or_else(|e| panic!("vm.shutdown: {e}"));
     let status = vm.wait_exit(Duration::from_secs(30));
     let log = vm.stderr();
     assert!(status.success(), "{status}\n{log}");

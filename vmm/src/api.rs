@@ -1,20 +1,13 @@
-//! The control API: JSON over HTTP/1.1 on a unix socket, so `curl --unix-socket` works.
+//! The control API's server: JSON over HTTP/1.1 on a unix socket, so `curl
+//! --unix-socket` works. The endpoints and their bodies are `peapod-vmm-api`'s, shared
+//! with the shim and the tests; docs/vmm.md has the table.
 //!
-//! | method | path | effect |
-//! |---|---|---|
-//! | GET | /api/v1/vm.info | `{"state": "running"|"paused", "vcpus", "memory_mib", "platform_quirks"}` |
-//! | PUT | /api/v1/vm.pause | stops the vCPUs (204) |
-//! | PUT | /api/v1/vm.resume | restarts them (204) |
-//! | PUT | /api/v1/vm.shutdown | ends the VMM with a clean teardown (204) |
-//! | PUT | /api/v1/block.set | `{"slot", "path", "read_only", "id", "fd"}`: gives a block slot a backing file (204) |
-//! | PUT | /api/v1/block.clear | `{"slot"}`: empties a block slot (204) |
-//!
-//! `vm.info` also lists the virtio devices with their state and queue addresses.
 //! `block.set` with `"fd": true` takes the file already open, sent with the request as
 //! an `SCM_RIGHTS` descriptor (how the shim gives a jailed VMM its disks): `path` then
 //! only names it. A descriptor goes to the next request on the connection that asks
 //! for one.
-//! The API thread only parses and answers; the event loop owns the VM and acts.
+//! The API thread only parses and answers; the event loop owns the VM and acts. HTTP
+//! statuses are chosen here and nowhere else in the VMM.
 
 use std::io::Write;
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -23,13 +16,14 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use peapod_devices::virtio::block::PassedFile;
-use serde::{Deserialize, Serialize};
+use peapod_vmm_api::{paths, Endpoint, ErrorBody};
+pub use peapod_vmm_api::{BlockClear, BlockSet, VmInfo, VmState};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
+use crate::devices::SlotError;
 use crate::seccomp::{Seccomp, ThreadClass};
 
-const API_PREFIX: &str = "/api/v1/";
 /// Requests are small; anything bigger is a client bug or an attack.
 const MAX_REQUEST_BYTES: usize = 64 * 1024;
 const MAX_HEADERS: usize = 32;
@@ -42,44 +36,13 @@ pub enum ApiRequest {
     Pause,
     Resume,
     Shutdown,
-    BlockSet(BlockSet),
+    /// `file`: the open file `set.fd` asked for, once the API thread has matched the
+    /// descriptor that came with the request to it.
+    BlockSet {
+        set: BlockSet,
+        file: Option<PassedFile>,
+    },
     BlockClear(BlockClear),
-}
-
-/// The body of `block.set`.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct BlockSet {
-    /// Index among the VM's block devices (boot disks first, then empty slots).
-    pub slot: usize,
-    pub path: PathBuf,
-    #[serde(default)]
-    pub read_only: bool,
-    /// The serial the guest reads (at most 20 bytes).
-    #[serde(default)]
-    pub id: Option<String>,
-    /// The file comes open with the request (`SCM_RIGHTS`); `path` only names it.
-    #[serde(default)]
-    pub fd: bool,
-    /// That file, once the API thread has matched it to the request.
-    #[serde(skip)]
-    pub file: Option<PassedFile>,
-}
-
-/// The body of `block.clear`.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct BlockClear {
-    pub slot: usize,
-}
-
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
-pub struct VmInfo {
-    pub state: &'static str,
-    pub vcpus: u8,
-    pub memory_mib: u32,
-    pub platform_quirks: bool,
-    pub devices: Vec<crate::devices::DeviceInfo>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -89,12 +52,33 @@ pub enum ApiResponse {
     Error { status: u16, message: String },
 }
 
-impl From<Result<(), crate::devices::SlotError>> for ApiResponse {
-    fn from(r: Result<(), crate::devices::SlotError>) -> Self {
+impl ApiResponse {
+    /// The request does not fit the VM's state (pausing a paused VM).
+    pub fn conflict(message: impl Into<String>) -> ApiResponse {
+        ApiResponse::Error {
+            status: 409,
+            message: message.into(),
+        }
+    }
+
+    /// The VMM could not do what it was asked.
+    pub fn failed(message: impl Into<String>) -> ApiResponse {
+        ApiResponse::Error {
+            status: 500,
+            message: message.into(),
+        }
+    }
+}
+
+impl From<Result<(), SlotError>> for ApiResponse {
+    fn from(r: Result<(), SlotError>) -> Self {
         match r {
             Ok(()) => ApiResponse::Done,
             Err(e) => ApiResponse::Error {
-                status: e.status(),
+                status: match e {
+                    SlotError::NoSuchSlot { .. } => 404,
+                    SlotError::Backing { .. } => 400,
+                },
                 message: e.to_string(),
             },
         }
@@ -253,25 +237,20 @@ pub fn requests_in(mut buf: &[u8]) -> Vec<Result<ApiRequest, u16>> {
 }
 
 fn route(method: &str, path: &str, body: &[u8]) -> Result<ApiRequest, HttpError> {
-    let action = path.strip_prefix(API_PREFIX).ok_or_else(|| {
+    let action = path.strip_prefix(paths::PREFIX).ok_or_else(|| {
         HttpError(
             404,
-            format!("{path}: not found; the API lives under {API_PREFIX}"),
+            format!("{path}: not found; the API lives under {}", paths::PREFIX),
         )
     })?;
-    let expected = match action {
-        "vm.info" => "GET",
-        "vm.pause" | "vm.resume" | "vm.shutdown" | "block.set" | "block.clear" => "PUT",
-        _ => {
-            return Err(HttpError(
-                404,
-                format!(
-                    "{path}: no such endpoint (vm.info, vm.pause, vm.resume, vm.shutdown, \
-                     block.set, block.clear)"
-                ),
-            ))
-        }
-    };
+    let endpoint = Endpoint::from_name(action).ok_or_else(|| {
+        let names: Vec<&str> = Endpoint::ALL.iter().map(|e| e.name()).collect();
+        HttpError(
+            404,
+            format!("{path}: no such endpoint ({})", names.join(", ")),
+        )
+    })?;
+    let expected = endpoint.method().as_str();
     if method != expected {
         return Err(HttpError(
             405,
@@ -287,15 +266,18 @@ fn route(method: &str, path: &str, body: &[u8]) -> Result<ApiRequest, HttpError>
             )
         }
     };
-    Ok(match action {
-        "vm.info" => ApiRequest::Info,
-        "vm.pause" => ApiRequest::Pause,
-        "vm.resume" => ApiRequest::Resume,
-        "vm.shutdown" => ApiRequest::Shutdown,
-        "block.set" => ApiRequest::BlockSet(serde_json::from_slice(body).map_err(json(
-            r#"{"slot": 1, "path": "/x.img", "read_only": true, "id": "layer0"}"#,
-        ))?),
-        _ => ApiRequest::BlockClear(serde_json::from_slice(body).map_err(json(r#"{"slot": 1}"#))?),
+    Ok(match endpoint {
+        Endpoint::VmInfo => ApiRequest::Info,
+        Endpoint::VmPause => ApiRequest::Pause,
+        Endpoint::VmResume => ApiRequest::Resume,
+        Endpoint::VmShutdown => ApiRequest::Shutdown,
+        Endpoint::BlockSet => ApiRequest::BlockSet {
+            set: serde_json::from_slice(body).map_err(json(BlockSet::EXAMPLE))?,
+            file: None,
+        },
+        Endpoint::BlockClear => {
+            ApiRequest::BlockClear(serde_json::from_slice(body).map_err(json(BlockClear::EXAMPLE))?)
+        }
     })
 }
 
@@ -329,7 +311,10 @@ fn write_response(
 }
 
 fn error_body(message: &str) -> Option<String> {
-    Some(serde_json::json!({ "error": message }).to_string())
+    serde_json::to_string(&ErrorBody {
+        error: message.into(),
+    })
+    .ok()
 }
 
 fn serve_connection(
@@ -389,7 +374,7 @@ fn with_file(
     passed: &mut Option<std::fs::File>,
 ) -> Result<ApiRequest, HttpError> {
     match request {
-        ApiRequest::BlockSet(mut set) if set.fd => {
+        ApiRequest::BlockSet { set, file: None } if set.fd => {
             let file = passed.take().ok_or_else(|| {
                 HttpError(
                     400,
@@ -400,8 +385,8 @@ fn with_file(
                     ),
                 )
             })?;
-            set.file = Some(PassedFile(std::sync::Arc::new(file)));
-            Ok(ApiRequest::BlockSet(set))
+            let file = Some(PassedFile(std::sync::Arc::new(file)));
+            Ok(ApiRequest::BlockSet { set, file })
         }
         other => Ok(other),
     }
@@ -508,10 +493,10 @@ mod tests {
             body.len()
         );
         let (got, status) = served(request.as_bytes(), Some(&image));
-        let Some(ApiRequest::BlockSet(set)) = got else {
+        let Some(ApiRequest::BlockSet { file, .. }) = got else {
             panic!("the event loop got {got:?}");
         };
-        let passed = set.file.expect("the descriptor came with the request");
+        let passed = file.expect("the descriptor came with the request");
         assert_eq!(
             passed.0.metadata().unwrap().ino(),
             image.metadata().unwrap().ino(),
@@ -547,14 +532,16 @@ mod tests {
                 "/api/v1/block.set",
                 br#"{"slot": 2, "path": "/l.img", "read_only": true, "id": "layer0"}"#
             ),
-            Ok(ApiRequest::BlockSet(BlockSet {
-                slot: 2,
-                path: "/l.img".into(),
-                read_only: true,
-                id: Some("layer0".into()),
-                fd: false,
+            Ok(ApiRequest::BlockSet {
+                set: BlockSet {
+                    slot: 2,
+                    path: "/l.img".into(),
+                    read_only: true,
+                    id: Some("layer0".into()),
+                    fd: false,
+                },
                 file: None,
-            }))
+            })
         );
         assert_eq!(
             route("PUT", "/api/v1/block.clear", br#"{"slot": 0}"#),

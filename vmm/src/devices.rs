@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 
 use event_manager::MutEventSubscriber;
 use kvm_ioctls::{IoEventAddress, VmFd};
-use peapod_devices::virtio::block::{Block, BlockBacking, BlockError};
+use peapod_devices::virtio::block::{Block, BlockBacking, BlockError, PassedFile};
 use peapod_devices::virtio::net::{Net, Tap, TapError};
 use peapod_devices::virtio::rng::Rng;
 use peapod_devices::virtio::vsock::Vsock;
@@ -17,12 +17,11 @@ use peapod_devices::virtio::{
     Interrupt, MmioTransport, VirtioDevice, MMIO_DEVICE_SIZE, QUEUE_NOTIFY_OFFSET,
 };
 use peapod_devices::{lock, Bus, BusDevice, BusError};
-use serde::Serialize;
+use peapod_vmm_api::{DeviceInfo, DeviceKind, QueueInfo};
 use virtio_queue::QueueT;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::api::BlockSet;
 use crate::config::{parse_mac, NetConfig, VmConfig, MAX_VIRTIO_DEVICES};
 use crate::layout::{VIRTIO_IRQ_FIRST, VIRTIO_MMIO_START};
 
@@ -48,7 +47,8 @@ pub enum DeviceError {
     Bus(#[from] BusError),
 }
 
-/// Why a block slot could not be changed; the API answers with it.
+/// Why a block slot could not be changed; the API answers with it (and chooses the
+/// status).
 #[derive(Debug, thiserror::Error)]
 pub enum SlotError {
     #[error(
@@ -59,45 +59,8 @@ pub enum SlotError {
     Backing { slot: usize, source: BlockError },
 }
 
-impl SlotError {
-    /// The HTTP status the API answers with.
-    pub fn status(&self) -> u16 {
-        match self {
-            SlotError::NoSuchSlot { .. } => 404,
-            SlotError::Backing { .. } => 400,
-        }
-    }
-}
-
-/// What `vm.info` shows of one device: the guest-side queue addresses help debug a
-/// driver, and tests use them to play a hostile guest.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
-pub struct DeviceInfo {
-    #[serde(rename = "type")]
-    pub kind: &'static str,
-    /// For block devices: the slot number the API takes.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub slot: Option<usize>,
-    /// For block devices: the backing file, if any.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub backing: Option<String>,
-    pub mmio_base: u64,
-    pub irq: u32,
-    pub status: u32,
-    pub queues: Vec<QueueInfo>,
-}
-
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
-pub struct QueueInfo {
-    pub size: u16,
-    pub ready: bool,
-    pub desc: u64,
-    pub avail: u64,
-    pub used: u64,
-}
-
 struct Attached {
-    kind: &'static str,
+    kind: DeviceKind,
     base: u64,
     irq: u32,
     transport: Arc<Mutex<MmioTransport>>,
@@ -129,12 +92,12 @@ impl VirtioDevices {
         let disks = config.block.iter().map(Some);
         let slots = std::iter::repeat_n(None, usize::from(config.block_slots));
         for (slot, disk) in disks.chain(slots).enumerate() {
-            let backing = disk.map(|d| backing(d.path.clone(), d.read_only, d.id.clone()));
+            let backing = disk.map(|d| backing(d.path.clone(), d.read_only, d.id.clone(), None));
             let block = devices.attach(
                 vm,
                 memory,
                 bus,
-                "block",
+                DeviceKind::Block,
                 format!("block slot {slot}"),
                 |interrupt| Block::new(backing, interrupt).map_err(|e| e.to_string()),
             )?;
@@ -153,19 +116,24 @@ impl VirtioDevices {
                 device: name.clone(),
                 message: e.to_string(),
             })?;
-            devices.attach(vm, memory, bus, "net", name, |interrupt| {
+            devices.attach(vm, memory, bus, DeviceKind::Net, name, |interrupt| {
                 Net::new(tap, mac, interrupt).map_err(|e| e.to_string())
             })?;
         }
         if let Some(v) = &config.vsock {
             let name = format!("virtio-vsock cid {} on {}", v.cid, v.socket.display());
-            devices.attach(vm, memory, bus, "vsock", name, |interrupt| {
+            devices.attach(vm, memory, bus, DeviceKind::Vsock, name, |interrupt| {
                 Vsock::new(v.cid, v.socket.clone(), interrupt).map_err(|e| e.to_string())
             })?;
         }
-        devices.attach(vm, memory, bus, "rng", "virtio-rng".into(), |interrupt| {
-            Rng::new(interrupt).map_err(|e| format!("cannot create its eventfd: {e}"))
-        })?;
+        devices.attach(
+            vm,
+            memory,
+            bus,
+            DeviceKind::Rng,
+            "virtio-rng".into(),
+            |interrupt| Rng::new(interrupt).map_err(|e| format!("cannot create its eventfd: {e}")),
+        )?;
         Ok(devices)
     }
 
@@ -176,7 +144,7 @@ impl VirtioDevices {
         vm: &VmFd,
         memory: &GuestMemoryMmap,
         bus: &mut Bus,
-        kind: &'static str,
+        kind: DeviceKind,
         name: String,
         make: F,
     ) -> Result<Arc<Mutex<D>>, DeviceError>
@@ -254,11 +222,9 @@ impl VirtioDevices {
         &self.subscribers
     }
 
-    /// Gives block device `set.slot` a new backing file, and tells the guest.
-    pub fn set_block_slot(&mut self, set: BlockSet) -> Result<(), SlotError> {
-        let mut backing = backing(set.path, set.read_only, set.id);
-        backing.file = set.file;
-        self.change_block_slot(set.slot, Some(backing))
+    /// Gives block device `slot` a new backing file, and tells the guest.
+    pub fn set_block_slot(&mut self, slot: usize, backing: BlockBacking) -> Result<(), SlotError> {
+        self.change_block_slot(slot, Some(backing))
     }
 
     /// Empties block device `slot`; the guest sees a disk of size 0.
@@ -288,13 +254,13 @@ impl VirtioDevices {
             .iter()
             .map(|a| {
                 let t = lock(&a.transport);
-                let slot = (a.kind == "block").then(|| slot.next()).flatten();
+                let slot = (a.kind == DeviceKind::Block).then(|| slot.next()).flatten();
                 let backing = slot
                     .and_then(|s| self.block.get(s))
                     .map(|b| describe_slot(&lock(b)));
                 DeviceInfo {
                     kind: a.kind,
-                    slot,
+                    slot: slot.map(|s| s as u32),
                     backing,
                     mmio_base: a.base,
                     irq: a.irq,
@@ -343,14 +309,19 @@ fn random_mac() -> [u8; 6] {
     mac
 }
 
-/// What a slot serves, from the config file or the API; a disk without an ID has an
-/// empty serial.
-fn backing(path: PathBuf, read_only: bool, id: Option<String>) -> BlockBacking {
+/// What a slot serves, from the config file or the API (`file`: passed open with
+/// the request); a disk without an ID has an empty serial.
+pub fn backing(
+    path: PathBuf,
+    read_only: bool,
+    id: Option<String>,
+    file: Option<PassedFile>,
+) -> BlockBacking {
     BlockBacking {
         path,
         read_only,
         id: id.unwrap_or_default(),
-        file: None,
+        file,
     }
 }
 

@@ -23,11 +23,11 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::api::{ApiCall, ApiRequest, ApiResponse, ApiSocket, VmInfo};
+use crate::api::{ApiCall, ApiRequest, ApiResponse, ApiSocket, VmInfo, VmState};
 use crate::boot::{self, BootError};
 use crate::config::{ConfigError, Console, VmConfig};
 use crate::cpu::{self, cpuid::vcpu_cpuid, CpuSetupError};
-use crate::devices::VirtioDevices;
+use crate::devices::{self, VirtioDevices};
 use crate::exit::{ExitReason, ExitSignal};
 use crate::layout::{KVM_IDENTITY_MAP_START, KVM_TSS_START};
 use crate::memory::{self, MemoryError};
@@ -216,7 +216,7 @@ pub fn run(config: &VmConfig) -> Result<ExitReason, VmError> {
         api_queue,
         vcpus,
         info: VmInfo {
-            state: "running",
+            state: VmState::Running,
             vcpus: config.vcpus,
             memory_mib: config.memory_mib,
             platform_quirks: platform.emulating_host,
@@ -460,29 +460,26 @@ struct Controller {
 
 impl Controller {
     fn handle(&mut self, request: ApiRequest) -> ApiResponse {
-        let conflict = |message: &str| ApiResponse::Error {
-            status: 409,
-            message: message.into(),
-        };
         match request {
             ApiRequest::Info => ApiResponse::Info(VmInfo {
                 state: if self.vcpus.is_paused() {
-                    "paused"
+                    VmState::Paused
                 } else {
-                    "running"
+                    VmState::Running
                 },
                 devices: self.devices.info(),
                 ..self.info.clone()
             }),
-            ApiRequest::Pause if self.vcpus.is_paused() => conflict("the VM is already paused"),
+            ApiRequest::Pause if self.vcpus.is_paused() => {
+                ApiResponse::conflict("the VM is already paused")
+            }
             ApiRequest::Pause => match self.vcpus.pause() {
                 Ok(()) => ApiResponse::Done,
-                Err(e) => ApiResponse::Error {
-                    status: 500,
-                    message: e.to_string(),
-                },
+                Err(e) => ApiResponse::failed(e.to_string()),
             },
-            ApiRequest::Resume if !self.vcpus.is_paused() => conflict("the VM is not paused"),
+            ApiRequest::Resume if !self.vcpus.is_paused() => {
+                ApiResponse::conflict("the VM is not paused")
+            }
             ApiRequest::Resume => {
                 self.vcpus.resume();
                 ApiResponse::Done
@@ -491,8 +488,15 @@ impl Controller {
                 self.exit.raise(ExitReason::ApiShutdown);
                 ApiResponse::Done
             }
-            ApiRequest::BlockSet(set) => self.devices.set_block_slot(set).into(),
-            ApiRequest::BlockClear(clear) => self.devices.clear_block_slot(clear.slot).into(),
+            ApiRequest::BlockSet { set, file } => {
+                let backing = devices::backing(set.path, set.read_only, set.id, file);
+                self.devices
+                    .set_block_slot(set.slot as usize, backing)
+                    .into()
+            }
+            ApiRequest::BlockClear(clear) => {
+                self.devices.clear_block_slot(clear.slot as usize).into()
+            }
         }
     }
 }
