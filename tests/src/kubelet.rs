@@ -53,6 +53,10 @@ pub struct ContainerSpec {
     pub command: Vec<String>,
     /// `resources.limits.memory`, in bytes.
     pub memory_limit: Option<i64>,
+    /// `securityContext.seccompProfile`; `None` is the kubelet's default, Unconfined.
+    pub seccomp: Option<SecurityProfile>,
+    /// `securityContext.capabilities.add`, without the `CAP_` prefix.
+    pub add_capabilities: Vec<String>,
 }
 
 impl ContainerSpec {
@@ -62,6 +66,8 @@ impl ContainerSpec {
             attempt: 0,
             command: command.iter().map(|s| s.to_string()).collect(),
             memory_limit: None,
+            seccomp: None,
+            add_capabilities: Vec::new(),
         }
     }
 
@@ -79,7 +85,85 @@ impl ContainerSpec {
         self.memory_limit = Some(bytes);
         self
     }
+
+    /// `seccompProfile: {type: RuntimeDefault}`.
+    pub fn runtime_default_seccomp(mut self) -> Self {
+        self.seccomp = Some(SecurityProfile {
+            profile_type: security_profile::ProfileType::RuntimeDefault as i32,
+            localhost_ref: String::new(),
+        });
+        self
+    }
+
+    /// `seccompProfile: {type: Localhost}` of the profile file at `path` on the node
+    /// (the kubelet resolves the pod's relative path under its seccomp directory and
+    /// sends it as `localhost/<absolute path>`).
+    pub fn localhost_seccomp(mut self, path: &Path) -> Self {
+        self.seccomp = Some(SecurityProfile {
+            profile_type: security_profile::ProfileType::Localhost as i32,
+            localhost_ref: path.to_string_lossy().into_owned(),
+        });
+        self
+    }
+
+    pub fn add_capability(mut self, cap: &str) -> Self {
+        self.add_capabilities.push(cap.into());
+        self
+    }
+
+    /// The security context the kubelet sends for this container: its namespaces,
+    /// the default masked and read-only /proc and /sys paths, and the seccomp
+    /// profile, Unconfined unless the pod asks for one (the kubelet's default
+    /// without `--seccomp-default`).
+    fn security_context(&self) -> LinuxContainerSecurityContext {
+        LinuxContainerSecurityContext {
+            capabilities: (!self.add_capabilities.is_empty()).then(|| Capability {
+                add_capabilities: self.add_capabilities.clone(),
+                ..Default::default()
+            }),
+            namespace_options: Some(NamespaceOption {
+                network: NamespaceMode::Pod as i32,
+                pid: NamespaceMode::Container as i32,
+                ipc: NamespaceMode::Pod as i32,
+                ..Default::default()
+            }),
+            masked_paths: KUBELET_MASKED_PATHS.iter().map(|p| p.to_string()).collect(),
+            readonly_paths: KUBELET_READONLY_PATHS
+                .iter()
+                .map(|p| p.to_string())
+                .collect(),
+            seccomp: Some(self.seccomp.clone().unwrap_or(SecurityProfile {
+                profile_type: security_profile::ProfileType::Unconfined as i32,
+                localhost_ref: String::new(),
+            })),
+            ..Default::default()
+        }
+    }
 }
+
+/// The paths the kubelet masks in every non-privileged container (its
+/// `securitycontext.ConvertToRuntimeMaskedPaths` for the default procMount).
+const KUBELET_MASKED_PATHS: &[&str] = &[
+    "/proc/asound",
+    "/proc/acpi",
+    "/proc/kcore",
+    "/proc/keys",
+    "/proc/latency_stats",
+    "/proc/timer_list",
+    "/proc/timer_stats",
+    "/proc/sched_debug",
+    "/proc/scsi",
+    "/sys/firmware",
+    "/sys/devices/virtual/powercap",
+];
+/// The paths the kubelet makes read-only in every non-privileged container.
+const KUBELET_READONLY_PATHS: &[&str] = &[
+    "/proc/bus",
+    "/proc/fs",
+    "/proc/irq",
+    "/proc/sys",
+    "/proc/sysrq-trigger",
+];
 
 /// A container the node created.
 #[derive(Clone, Debug)]
@@ -331,7 +415,7 @@ impl Node {
                     memory_limit_in_bytes: spec.memory_limit.unwrap_or(0),
                     ..Default::default()
                 }),
-                ..Default::default()
+                security_context: Some(spec.security_context()),
             }),
             ..Default::default()
         };

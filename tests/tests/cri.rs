@@ -25,6 +25,23 @@ const WEB_REPLY: &str = "hi-from-the-web-pod";
 /// The exit status of the job container's first attempt.
 const JOB_STATUS: i32 = 7;
 
+/// The seccomp mode (0: none, 2: filter) of the exec itself, then of the container's
+/// init (PID 1 of its PID namespace), one a line.
+const SECCOMP_MODES: &str = "awk '/^Seccomp:/ { print $2 }' /proc/self/status /proc/1/status";
+/// The exec's effective capabilities, in hex.
+const CAP_EFF: &str = "awk '/^CapEff:/ { print $2 }' /proc/self/status";
+const CAP_SYS_ADMIN: u32 = 21;
+/// A Localhost seccomp profile, in the runtime spec's form that containerd loads:
+/// everything allowed but changing a file's mode and the hostname.
+const LOCALHOST_PROFILE: &str = r#"{
+  "defaultAction": "SCMP_ACT_ALLOW",
+  "architectures": ["SCMP_ARCH_X86_64", "SCMP_ARCH_X86", "SCMP_ARCH_X32"],
+  "syscalls": [
+    { "names": ["chmod", "fchmod", "fchmodat", "fchmodat2", "sethostname"],
+      "action": "SCMP_ACT_ERRNO", "errnoRet": 1 }
+  ]
+}"#;
+
 fn one_node_at_a_time() -> std::sync::MutexGuard<'static, ()> {
     ONE_NODE_AT_A_TIME
         .lock()
@@ -39,8 +56,9 @@ const MEMORY_MAX: &str = "p=$(sed -n 's/^0:://p' /proc/self/cgroup); \
 /// containerd. The peapod pods run the guest's kernel, have pod IPs the host and each
 /// other reach, enforce the memory limit CreateContainer asked for (and the one
 /// UpdateContainerResources sets), report stats, stream exec with stdin and an exit
-/// status, write CRI logs, restart an exited container in the same pod, and leave
-/// nothing behind once removed.
+/// status and on a terminal, apply each container's seccomp profile to it and its
+/// execs as runc does, write CRI logs, restart an exited container in the same pod,
+/// and leave nothing behind once removed.
 #[test]
 fn a_kubelet_runs_peapod_pods_beside_runc() {
     let _turn = one_node_at_a_time();
@@ -53,11 +71,19 @@ fn a_kubelet_runs_peapod_pods_beside_runc() {
 
     // runc, containerd's default runtime, beside peapod on the same containerd.
     let runc_pod = node.run_pod("runc-pod", "");
-    let runc_main = node.run_container(&runc_pod, &ContainerSpec::new("main", &["sleep", "3600"]));
+    let runc_main = node.run_container(
+        &runc_pod,
+        &ContainerSpec::new("main", &["sleep", "3600"]).runtime_default_seccomp(),
+    );
     assert_eq!(
         node.exec_ok(&runc_main, "uname -r"),
         host_release,
         "uname -r in the runc pod"
+    );
+    assert_eq!(
+        node.exec_ok(&runc_main, SECCOMP_MODES),
+        "2\n2",
+        "runc: RuntimeDefault filters the exec and the container's init"
     );
 
     // The web pod: a server with a memory limit.
@@ -90,6 +116,14 @@ fn a_kubelet_runs_peapod_pods_beside_runc() {
         format!("{web_ip}/{}", node.net.prefix_len),
         "the guest's eth0 has the pod IP CRI reports"
     );
+    assert_eq!(
+        node.exec_ok(
+            &server,
+            &format!("{SECCOMP_MODES}; chmod 700 /tmp && echo chmod-ok")
+        ),
+        "0\n0\nchmod-ok",
+        "an Unconfined container has no filter, and chmod works"
+    );
     let status = node.wait_container_state(&server, ContainerState::ContainerRunning);
     assert!(status.started_at > 0, "{status:?}");
 
@@ -118,7 +152,15 @@ fn a_kubelet_runs_peapod_pods_beside_runc() {
     let client = node.run_pod("client", PEAPOD_HANDLER);
     let client_ip = node.pod_ip(&client);
     assert_ne!(client_ip, web_ip);
-    let client_main = node.run_container(&client, &ContainerSpec::new("main", &["sleep", "3600"]));
+    let client_main = node.run_container(
+        &client,
+        &ContainerSpec::new("main", &["sleep", "3600"]).runtime_default_seccomp(),
+    );
+    assert_eq!(
+        node.exec_ok(&client_main, SECCOMP_MODES),
+        "2\n2",
+        "RuntimeDefault filters the exec and the container's init in the guest, as with runc"
+    );
     assert_eq!(
         node.exec_ok(
             &client_main,
@@ -157,6 +199,34 @@ fn a_kubelet_runs_peapod_pods_beside_runc() {
     assert_eq!(String::from_utf8_lossy(&streamed.stderr), "to-stderr\n");
     assert_eq!(streamed.exit_code, 3);
 
+    // `kubectl exec -it`: stdin and a terminal, with CRI's 64-character container
+    // and exec ids (the terminal's socket in the guest once overflowed sockaddr_un).
+    let url = node
+        .cri
+        .exec(ExecRequest {
+            container_id: server.id.clone(),
+            cmd: ["sh", "-c", "tty; echo $((6*7))"]
+                .map(String::from)
+                .to_vec(),
+            tty: true,
+            stdin: true,
+            stdout: true,
+            stderr: false,
+        })
+        .expect("Exec with a terminal")
+        .url;
+    let on_tty = node.ctd.retry_platform_faults(
+        "streaming exec on a terminal",
+        || exec_stream(&url, None, CONTAINER_TIMEOUT),
+        || {},
+    );
+    let out = String::from_utf8_lossy(&on_tty.stdout);
+    assert!(
+        out.contains("/dev/pts/") && out.contains("42\r\n"),
+        "the exec has a terminal (CR LF line ends): {out:?}"
+    );
+    assert_eq!(on_tty.exit_code, 0, "{out:?}");
+
     // UpdateContainerResources changes the limit inside the guest.
     node.cri
         .update_container_resources(UpdateContainerResourcesRequest {
@@ -178,11 +248,55 @@ fn a_kubelet_runs_peapod_pods_beside_runc() {
     let exited = node.wait_container_state(&job0, ContainerState::ContainerExited);
     assert_eq!(exited.exit_code, JOB_STATUS, "{exited:?}");
     node.wait_log(&job0, "run-0");
+    // The next attempt runs under a Localhost profile that refuses chmod and
+    // sethostname, with CAP_SYS_ADMIN (which sethostname needs): the profile holds
+    // for the container's own process and for an exec, capability or not. (One
+    // container for both the restart and the profile: each costs a minute here.)
+    let profile_dir = tempfile::tempdir().expect("a directory for the seccomp profile");
+    let profile = profile_dir.path().join("no-chmod-no-sethostname.json");
+    std::fs::write(&profile, LOCALHOST_PROFILE).expect("writing the seccomp profile");
     let job1 = node.run_container(
         &client,
-        &ContainerSpec::shell("job", "echo run-1; exec sleep 3600").attempt(1),
+        &ContainerSpec::shell(
+            "job",
+            "chmod 700 /tmp 2>&1; hostname renamed-by-job 2>&1; echo run-1; exec sleep 3600",
+        )
+        .attempt(1)
+        .localhost_seccomp(&profile)
+        .add_capability("SYS_ADMIN"),
     );
-    node.wait_log(&job1, "run-1");
+    let log = node.wait_log(&job1, "run-1");
+    for refused in ["chmod", "hostname"] {
+        assert!(
+            log.iter()
+                .any(|(_, l)| l.starts_with(refused) && l.contains("Operation not permitted")),
+            "{refused} in the container's own process is refused by its profile: {log:?}"
+        );
+    }
+    let out = node.exec_ok(
+        &job1,
+        &format!("chmod 700 /tmp 2>&1; hostname renamed-by-exec 2>&1; {SECCOMP_MODES}; {CAP_EFF}"),
+    );
+    let lines: Vec<&str> = out.lines().collect();
+    assert!(
+        lines.len() == 5
+            && lines[0].starts_with("chmod")
+            && lines[1].starts_with("hostname")
+            && lines[..2]
+                .iter()
+                .all(|l| l.contains("Operation not permitted")),
+        "chmod and sethostname are refused in an exec: {out:?}"
+    );
+    assert_eq!(
+        &lines[2..4],
+        ["2", "2"],
+        "the exec and init are filtered: {out:?}"
+    );
+    let cap_eff = u64::from_str_radix(lines[4], 16).expect("CapEff is hex");
+    assert!(
+        cap_eff & (1 << CAP_SYS_ADMIN) != 0,
+        "the exec has CAP_SYS_ADMIN, yet sethostname was refused: CapEff {cap_eff:x}"
+    );
     assert_eq!(
         node.container_status(&job1).state,
         ContainerState::ContainerRunning as i32
