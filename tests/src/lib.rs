@@ -237,13 +237,18 @@ impl VmmProcess {
         std::fs::read_to_string(&self.console).unwrap_or_default()
     }
 
-    /// Waits until the console holds `needle`; panics with the console and the VMM's
-    /// log if the VMM exits or time runs out first.
+    /// Waits until the console holds a whole line with `needle`; panics with the
+    /// console and the VMM's log if the VMM exits or time runs out first.
     pub fn wait_for_console(&mut self, needle: &str, timeout: Duration) -> String {
         let deadline = Instant::now() + timeout;
         loop {
             let text = self.console_text();
-            if text.contains(needle) {
+            // The whole line: the serial console brings it a character at a time, and
+            // callers read what follows the needle (the ready line's kernel release).
+            if text
+                .find(needle)
+                .is_some_and(|at| text[at..].contains('\n'))
+            {
                 return text;
             }
             if let Some(status) = self.try_wait() {
