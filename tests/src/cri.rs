@@ -183,6 +183,7 @@ impl CriClient {
         runtime.list_containers(ListContainersRequest) -> ListContainersResponse;
         runtime.exec_sync(ExecSyncRequest) -> ExecSyncResponse;
         runtime.exec(ExecRequest) -> ExecResponse;
+        runtime.attach(AttachRequest) -> AttachResponse;
         runtime.container_stats(ContainerStatsRequest) -> ContainerStatsResponse;
         runtime.update_container_resources(UpdateContainerResourcesRequest)
             -> UpdateContainerResourcesResponse;
@@ -208,23 +209,18 @@ const STDIN_CHANNEL: u8 = 0;
 const STDOUT_CHANNEL: u8 = 1;
 const STDERR_CHANNEL: u8 = 2;
 const ERROR_CHANNEL: u8 = 3;
+const RESIZE_CHANNEL: u8 = 4;
 /// The websocket subprotocol `kubectl exec` spoke before v5.
 const EXEC_PROTOCOL: &str = "v4.channel.k8s.io";
 
-/// Runs the exec behind `url` (an `ExecResponse.url`) as `kubectl exec` does over a
-/// websocket: sends `stdin` (if any) on channel 0, collects channels 1 and 2 until the
-/// server closes, and reads the exit status from channel 3.
-pub fn exec_stream(
-    url: &str,
-    stdin: Option<&[u8]>,
-    timeout: Duration,
-) -> Result<StreamedExec, String> {
+/// A remote-command websocket to the CRI streaming server behind `url` (an Exec's or
+/// an Attach's), with `v4.channel.k8s.io` agreed.
+fn open_stream(url: &str) -> Result<tungstenite::WebSocket<TcpStream>, String> {
     use tungstenite::client::IntoClientRequest;
-    use tungstenite::Message;
     let ws_url = url
         .strip_prefix("http://")
         .map(|rest| format!("ws://{rest}"))
-        .ok_or_else(|| format!("exec URL {url}: not http:// (is TLS streaming on?)"))?;
+        .ok_or_else(|| format!("stream URL {url}: not http:// (is TLS streaming on?)"))?;
     let authority = ws_url["ws://".len()..]
         .split('/')
         .next()
@@ -238,11 +234,11 @@ pub fn exec_stream(
     let mut request = ws_url
         .as_str()
         .into_client_request()
-        .map_err(|e| format!("exec URL {url}: {e}"))?;
+        .map_err(|e| format!("stream URL {url}: {e}"))?;
     request
         .headers_mut()
         .insert("Sec-WebSocket-Protocol", EXEC_PROTOCOL.parse().unwrap());
-    let (mut ws, response) = tungstenite::client(request, stream)
+    let (ws, response) = tungstenite::client(request, stream)
         .map_err(|e| format!("websocket handshake with {url}: {e}"))?;
     let agreed = response
         .headers()
@@ -253,6 +249,19 @@ pub fn exec_stream(
             "{url} agreed to subprotocol {agreed:?}, not {EXEC_PROTOCOL}"
         ));
     }
+    Ok(ws)
+}
+
+/// Runs the exec behind `url` (an `ExecResponse.url`) as `kubectl exec` does over a
+/// websocket: sends `stdin` (if any) on channel 0, collects channels 1 and 2 until the
+/// server closes, and reads the exit status from channel 3.
+pub fn exec_stream(
+    url: &str,
+    stdin: Option<&[u8]>,
+    timeout: Duration,
+) -> Result<StreamedExec, String> {
+    use tungstenite::Message;
+    let mut ws = open_stream(url)?;
     if let Some(data) = stdin {
         let mut msg = vec![STDIN_CHANNEL];
         msg.extend_from_slice(data);
@@ -301,6 +310,83 @@ pub fn exec_stream(
         Some(s) => exit_code_of_status(&s)?,
     };
     Ok(out)
+}
+
+/// `kubectl attach -it` to a running container, over the websocket behind an
+/// `AttachResponse.url`: its terminal's output as it comes, input, resizes, and a
+/// detach that leaves the container running.
+pub struct AttachedTerminal {
+    ws: tungstenite::WebSocket<TcpStream>,
+    url: String,
+    /// Everything the terminal has shown so far.
+    pub output: Vec<u8>,
+}
+
+impl AttachedTerminal {
+    pub fn open(url: &str) -> Result<Self, String> {
+        Ok(Self {
+            ws: open_stream(url)?,
+            url: url.into(),
+            output: Vec::new(),
+        })
+    }
+
+    fn send(&mut self, channel: u8, data: &[u8]) -> Result<(), String> {
+        let mut msg = vec![channel];
+        msg.extend_from_slice(data);
+        self.ws
+            .send(tungstenite::Message::binary(msg))
+            .map_err(|e| format!("attach {}: sending on channel {channel}: {e}", self.url))
+    }
+
+    /// Types `text` into the terminal.
+    pub fn type_in(&mut self, text: &str) -> Result<(), String> {
+        self.send(STDIN_CHANNEL, text.as_bytes())
+    }
+
+    /// Resizes the terminal, as `kubectl` does when its window changes.
+    pub fn resize(&mut self, width: u16, height: u16) -> Result<(), String> {
+        let size = serde_json::json!({ "Width": width, "Height": height });
+        self.send(RESIZE_CHANNEL, size.to_string().as_bytes())
+    }
+
+    /// Reads the terminal's output until it shows `needle` (after what was read
+    /// before); everything shown so far.
+    pub fn read_until(&mut self, needle: &str, timeout: Duration) -> Result<String, String> {
+        let from = self.output.len();
+        let deadline = Instant::now() + timeout;
+        loop {
+            let shown = String::from_utf8_lossy(&self.output[from..]);
+            if shown.contains(needle) {
+                return Ok(String::from_utf8_lossy(&self.output).into_owned());
+            }
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "attach {}: no {needle:?} on the terminal within {timeout:?}; it showed {:?}",
+                    self.url,
+                    String::from_utf8_lossy(&self.output)
+                ));
+            }
+            match self.ws.read() {
+                Ok(tungstenite::Message::Binary(b)) if b.first() == Some(&STDOUT_CHANNEL) => {
+                    self.output.extend_from_slice(&b[1..])
+                }
+                Ok(tungstenite::Message::Close(_)) => {
+                    return Err(format!("attach {}: the server closed the stream", self.url))
+                }
+                Ok(_) => {}
+                Err(tungstenite::Error::Io(e))
+                    if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+                Err(e) => return Err(format!("attach {}: {e}", self.url)),
+            }
+        }
+    }
+
+    /// Closes the stream, as `kubectl attach` does on its detach keys.
+    pub fn detach(mut self) {
+        let _ = self.ws.close(None);
+        let _ = self.ws.flush();
+    }
 }
 
 /// The exit status in a remote-command Status: 0 for `"status":"Success"`, else the

@@ -57,6 +57,8 @@ pub struct ContainerSpec {
     pub seccomp: Option<SecurityProfile>,
     /// `securityContext.capabilities.add`, without the `CAP_` prefix.
     pub add_capabilities: Vec<String>,
+    /// `stdin: true` and `tty: true`, as `kubectl run -it` makes a container.
+    pub interactive: bool,
 }
 
 impl ContainerSpec {
@@ -68,6 +70,7 @@ impl ContainerSpec {
             memory_limit: None,
             seccomp: None,
             add_capabilities: Vec::new(),
+            interactive: false,
         }
     }
 
@@ -103,6 +106,12 @@ impl ContainerSpec {
             profile_type: security_profile::ProfileType::Localhost as i32,
             localhost_ref: path.to_string_lossy().into_owned(),
         });
+        self
+    }
+
+    /// A container with stdin and a terminal, to attach to.
+    pub fn interactive(mut self) -> Self {
+        self.interactive = true;
         self
     }
 
@@ -409,6 +418,8 @@ impl Node {
             image: Some(image_spec(&self.image)),
             command: spec.command.clone(),
             log_path: log_path.clone(),
+            stdin: spec.interactive,
+            tty: spec.interactive,
             labels: [("name".to_string(), spec.name.clone())].into(),
             linux: Some(LinuxContainerConfig {
                 resources: Some(LinuxContainerResources {

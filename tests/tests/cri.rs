@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 use std::sync::Mutex;
 
 use k8s_cri::v1::*;
-use peapod_tests::cri::{exec_stream, PEAPOD_HANDLER};
+use peapod_tests::cri::{exec_stream, AttachedTerminal, PEAPOD_HANDLER};
 use peapod_tests::kubelet::{ContainerSpec, Node, CONTAINER_TIMEOUT};
 use peapod_tests::{guest_kernel_release, host_kernel_release, read_until_closed};
 
@@ -152,9 +152,13 @@ fn a_kubelet_runs_peapod_pods_beside_runc() {
     let client = node.run_pod("client", PEAPOD_HANDLER);
     let client_ip = node.pod_ip(&client);
     assert_ne!(client_ip, web_ip);
+    // The client's main container is an interactive shell (`kubectl run -it`), to
+    // attach to below.
     let client_main = node.run_container(
         &client,
-        &ContainerSpec::new("main", &["sleep", "3600"]).runtime_default_seccomp(),
+        &ContainerSpec::new("main", &["sh"])
+            .runtime_default_seccomp()
+            .interactive(),
     );
     assert_eq!(
         node.exec_ok(&client_main, SECCOMP_MODES),
@@ -168,6 +172,42 @@ fn a_kubelet_runs_peapod_pods_beside_runc() {
         ),
         WEB_REPLY,
         "client pod -> web pod over TCP"
+    );
+
+    // `kubectl attach -it` to the client's shell: what is typed reaches it, its
+    // output comes back, a resize reaches its terminal, and detaching leaves it
+    // running.
+    let url = node
+        .cri
+        .attach(AttachRequest {
+            container_id: client_main.id.clone(),
+            stdin: true,
+            tty: true,
+            stdout: true,
+            stderr: false,
+        })
+        .expect("Attach")
+        .url;
+    let mut terminal = AttachedTerminal::open(&url).expect("attaching to the client's shell");
+    // The echo of what is typed shows `$((6*7))`; only the shell's output shows 42.
+    terminal
+        .type_in("echo attached-$((6*7))\n")
+        .and_then(|_| terminal.read_until("attached-42", CONTAINER_TIMEOUT))
+        .unwrap_or_else(|e| panic!("{e}"));
+    terminal
+        .resize(123, 45)
+        .and_then(|_| terminal.type_in("stty size\n"))
+        .and_then(|_| terminal.read_until("45 123", CONTAINER_TIMEOUT))
+        .unwrap_or_else(|e| panic!("the resize reaches the shell's terminal: {e}"));
+    terminal.detach();
+    assert_eq!(
+        node.exec_ok(&client_main, "echo still-attached-to-nothing"),
+        "still-attached-to-nothing"
+    );
+    assert_eq!(
+        node.container_status(&client_main).state,
+        ContainerState::ContainerRunning as i32,
+        "detaching leaves the shell running"
     );
 
     // Streaming exec, through the URL CRI returns: stdin in, both streams and the
