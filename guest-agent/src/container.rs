@@ -138,8 +138,7 @@ impl Container {
                     sandbox_pid,
                 },
             )?;
-            let seccomp = crate::seccomp::profile(&spec, id)?;
-            write_json(&dir.join("config.json"), &spec)
+            write_json(&dir.join("config.json"), &spec.json)
                 .map_err(|e| ContainerError::runtime(id, "writing config.json", e))?;
             let (init, child) = Process::new(id.to_owned(), req.stdio)
                 .map_err(|e| ContainerError::runtime(id, "making its stdio pipes", e))?;
@@ -176,7 +175,7 @@ impl Container {
                 init.set_terminal(c.receive(id)?)
                     .map_err(|e| ContainerError::runtime(id, "keeping its terminal", e))?;
             }
-            Ok((init, handle, seccomp))
+            Ok((init, handle, spec.seccomp))
         })();
         let (init, handle, seccomp) = match built {
             Ok(v) => v,

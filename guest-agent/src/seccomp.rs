@@ -10,41 +10,11 @@
 
 use libcontainer::workload::default::DefaultExecutor;
 use libcontainer::workload::{Executor, ExecutorError, ExecutorValidationError};
-use oci_spec::runtime::{LinuxSeccomp, LinuxSeccompAction, Spec};
-use serde_json::Value;
-
-use crate::spec::SpecError;
+use oci_spec::runtime::{LinuxSeccomp, Spec};
 
 /// capability(7)'s number of CAP_SYS_ADMIN (the libc crate has no capability
 /// constants).
 const CAP_SYS_ADMIN: u32 = 21;
-
-/// The container's profile, from the spec the guest runs; checks what the guest
-/// cannot apply, so that such a container fails at create instead of running
-/// unfiltered.
-pub fn profile(spec: &Value, id: &str) -> Result<Option<LinuxSeccomp>, SpecError> {
-    let Some(raw) = spec.get("linux").and_then(|l| l.get("seccomp")) else {
-        return Ok(None);
-    };
-    if raw.is_null() {
-        return Ok(None);
-    }
-    let profile: LinuxSeccomp =
-        serde_json::from_value(raw.clone()).map_err(|e| SpecError::Malformed {
-            id: id.to_owned(),
-            cause: format!("linux.seccomp: {e}"),
-        })?;
-    let notifies = profile.default_action() == LinuxSeccompAction::ScmpActNotify
-        || profile
-            .syscalls()
-            .iter()
-            .flatten()
-            .any(|s| s.action() == LinuxSeccompAction::ScmpActNotify);
-    if notifies {
-        return Err(SpecError::SeccompNotify { id: id.to_owned() });
-    }
-    Ok(Some(profile))
-}
 
 /// The executor of a container's execs: the container's profile, then `execve`.
 ///
@@ -125,41 +95,9 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    #[test]
-    fn a_spec_without_a_profile_has_none() {
-        assert!(profile(&json!({"linux": {}}), "c").unwrap().is_none());
-        assert!(profile(&json!({}), "c").unwrap().is_none());
-        assert!(profile(&json!({"linux": {"seccomp": null}}), "c")
-            .unwrap()
-            .is_none());
-    }
-
-    #[test]
-    fn a_profile_is_read_with_its_rules() {
-        let spec = json!({"linux": {"seccomp": {
-            "defaultAction": "SCMP_ACT_ALLOW",
-            "architectures": ["SCMP_ARCH_X86_64"],
-            "syscalls": [{"names": ["chmod", "fchmodat"], "action": "SCMP_ACT_ERRNO", "errnoRet": 1}]
-        }}});
-        let p = profile(&spec, "c").unwrap().expect("a profile");
-        assert_eq!(p.default_action(), LinuxSeccompAction::ScmpActAllow);
-        assert_eq!(p.syscalls().as_ref().map(Vec::len), Some(1));
-    }
-
-    #[test]
-    fn a_profile_that_needs_a_seccomp_agent_is_refused_by_name() {
-        let spec = json!({"linux": {"seccomp": {
-            "defaultAction": "SCMP_ACT_ALLOW",
-            "listenerPath": "/run/seccomp-agent.sock",
-            "syscalls": [{"names": ["mkdir"], "action": "SCMP_ACT_NOTIFY"}]
-        }}});
-        let e = profile(&spec, "c9").expect_err("refused").to_string();
-        assert!(e.contains("c9") && e.contains("SCMP_ACT_NOTIFY"), "{e}");
-    }
-
     /// A profile that refuses changing a file's mode with EPERM.
     fn no_chmod() -> LinuxSeccomp {
-        let spec = json!({"linux": {"seccomp": {
+        serde_json::from_value(json!({
             "defaultAction": "SCMP_ACT_ALLOW",
             "architectures": ["SCMP_ARCH_X86_64"],
             "syscalls": [{
@@ -167,8 +105,8 @@ mod tests {
                 "action": "SCMP_ACT_ERRNO",
                 "errnoRet": libc::EPERM,
             }]
-        }}});
-        profile(&spec, "c").unwrap().expect("a profile")
+        }))
+        .expect("a profile")
     }
 
     /// Drops CAP_SYS_ADMIN from the calling thread's effective set.
@@ -245,12 +183,5 @@ mod tests {
             filtered_thread(false),
             ("1".into(), "2".into(), Some(libc::EPERM))
         );
-    }
-
-    #[test]
-    fn a_malformed_profile_is_refused_by_name() {
-        let spec = json!({"linux": {"seccomp": {"defaultAction": "SCMP_ACT_SOMETIMES"}}});
-        let e = profile(&spec, "c8").expect_err("refused").to_string();
-        assert!(e.contains("c8") && e.contains("linux.seccomp"), "{e}");
     }
 }

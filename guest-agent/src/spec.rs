@@ -8,6 +8,7 @@
 
 use std::path::Path;
 
+use oci_spec::runtime::{LinuxSeccomp, LinuxSeccompAction};
 use serde_json::{json, Value};
 
 #[derive(Debug, thiserror::Error)]
@@ -49,9 +50,18 @@ pub struct GuestContext<'a> {
 /// always, PID with `shareProcessNamespace`).
 const SHARED_KINDS: &[&str] = &["ipc", "uts", "pid"];
 
-/// Parses and rewrites a container's spec for the guest; returns the JSON to write
-/// as the bundle's config.json.
-pub fn guest_spec(raw: &[u8], ctx: &GuestContext) -> Result<Value, SpecError> {
+/// A container's spec as the guest runs it.
+#[derive(Debug)]
+pub struct GuestSpec {
+    /// What goes to the bundle's config.json.
+    pub json: Value,
+    /// Its seccomp profile, which the agent also gives the container's execs
+    /// (libcontainer does not: see seccomp.rs).
+    pub seccomp: Option<LinuxSeccomp>,
+}
+
+/// Parses and rewrites a container's spec for the guest.
+pub fn guest_spec(raw: &[u8], ctx: &GuestContext) -> Result<GuestSpec, SpecError> {
     let id = ctx.container_id.to_owned();
     let mut spec: Value = serde_json::from_slice(raw).map_err(|e| SpecError::NotJson {
         id: id.clone(),
@@ -59,12 +69,16 @@ pub fn guest_spec(raw: &[u8], ctx: &GuestContext) -> Result<Value, SpecError> {
     })?;
     // Typed parse first: a field of the wrong type is reported here, by name,
     // rather than as a failure somewhere inside container creation.
-    serde_json::from_value::<oci_spec::runtime::Spec>(spec.clone()).map_err(|e| {
+    let typed = serde_json::from_value::<oci_spec::runtime::Spec>(spec.clone()).map_err(|e| {
         SpecError::Malformed {
             id: id.clone(),
             cause: e.to_string(),
         }
     })?;
+    let seccomp = typed.linux().as_ref().and_then(|l| l.seccomp().clone());
+    if seccomp.as_ref().is_some_and(notifies) {
+        return Err(SpecError::SeccompNotify { id });
+    }
     let obj = spec.as_object_mut().ok_or_else(|| SpecError::Malformed {
         id: id.clone(),
         cause: "not a JSON object".into(),
@@ -87,9 +101,17 @@ pub fn guest_spec(raw: &[u8], ctx: &GuestContext) -> Result<Value, SpecError> {
     );
     // Host hooks name host binaries; the guest has none of them.
     obj.remove("hooks");
-    obj["process"]["terminal"] = Value::Bool(ctx.terminal);
-    normalise_no_new_privileges(&mut obj["process"]);
-    resolve_user(&mut obj["process"], ctx.rootfs, &id)?;
+    let mount_label = obj
+        .get_mut("linux")
+        .and_then(Value::as_object_mut)
+        .and_then(|l| l.remove("mountLabel"));
+    rewrite_process(
+        &mut obj["process"],
+        ctx.terminal,
+        mount_label,
+        ctx.rootfs,
+        &id,
+    )?;
 
     for m in obj
         .get("mounts")
@@ -99,12 +121,6 @@ pub fn guest_spec(raw: &[u8], ctx: &GuestContext) -> Result<Value, SpecError> {
     {
         check_bind_source(m, &id)?;
     }
-
-    let mount_label = obj
-        .get_mut("linux")
-        .and_then(Value::as_object_mut)
-        .and_then(|l| l.remove("mountLabel"));
-    drop_lsm_labels(&mut obj["process"], mount_label, &id);
 
     let linux = obj
         .entry("linux")
@@ -118,7 +134,22 @@ pub fn guest_spec(raw: &[u8], ctx: &GuestContext) -> Result<Value, SpecError> {
     if let Some(namespaces) = linux.get_mut("namespaces").and_then(Value::as_array_mut) {
         rewrite_namespaces(namespaces, ctx)?;
     }
-    Ok(spec)
+    Ok(GuestSpec {
+        json: spec,
+        seccomp,
+    })
+}
+
+/// Whether `profile` hands calls to a seccomp agent (SCMP_ACT_NOTIFY), which a VM
+/// pod's guest does not have: such a container is refused rather than run
+/// unfiltered.
+fn notifies(profile: &LinuxSeccomp) -> bool {
+    profile.default_action() == LinuxSeccompAction::ScmpActNotify
+        || profile
+            .syscalls()
+            .iter()
+            .flatten()
+            .any(|s| s.action() == LinuxSeccompAction::ScmpActNotify)
 }
 
 /// An exec's process: validated like a spec's, with the same user resolution.
@@ -142,11 +173,25 @@ pub fn guest_process(
     {
         return Err(bad("\"args\" is missing or empty".into()));
     }
-    process["terminal"] = Value::Bool(terminal);
-    normalise_no_new_privileges(&mut process);
-    drop_lsm_labels(&mut process, None, container_id);
-    resolve_user(&mut process, rootfs, container_id)?;
+    rewrite_process(&mut process, terminal, None, rootfs, container_id)?;
     Ok(process)
+}
+
+/// What the guest changes in a process, a container's own or an exec's: its
+/// terminal is the agent's to decide, a false `noNewPrivileges` is left out, the
+/// node's LSM labels are dropped (with the spec's mount label, if any), and a
+/// username becomes the container's uid and gid.
+fn rewrite_process(
+    process: &mut Value,
+    terminal: bool,
+    mount_label: Option<Value>,
+    rootfs: &Path,
+    id: &str,
+) -> Result<(), SpecError> {
+    process["terminal"] = Value::Bool(terminal);
+    normalise_no_new_privileges(process);
+    drop_lsm_labels(process, mount_label, id);
+    resolve_user(process, rootfs, id)
 }
 
 /// `"noNewPrivileges": false` means what its absence means, but libcontainer 0.7
@@ -323,7 +368,7 @@ mod tests {
     fn host_objects_become_guest_ones() {
         let raw = serde_json::to_vec(&base_spec()).unwrap();
         let root = Path::new("/run/peapod/containers/c1/rootfs");
-        let spec = guest_spec(&raw, &ctx(root, Some(7))).unwrap();
+        let spec = guest_spec(&raw, &ctx(root, Some(7))).unwrap().json;
         assert_eq!(spec["root"]["path"], json!(root));
         assert_eq!(spec["root"]["readonly"], json!(true));
         assert!(spec.get("hooks").is_none());
@@ -337,6 +382,61 @@ mod tests {
         assert!(pid.get("path").is_none());
     }
 
+    /// `base_spec` with `profile` as its `linux.seccomp`, through `guest_spec`.
+    fn with_profile(profile: Value) -> Result<GuestSpec, SpecError> {
+        let mut spec = base_spec();
+        spec["linux"]["seccomp"] = profile;
+        guest_spec(
+            &serde_json::to_vec(&spec).unwrap(),
+            &ctx(Path::new("/r"), Some(7)),
+        )
+    }
+
+    #[test]
+    fn a_spec_without_a_profile_has_none() {
+        let raw = serde_json::to_vec(&base_spec()).unwrap();
+        let spec = guest_spec(&raw, &ctx(Path::new("/r"), Some(7))).unwrap();
+        assert!(spec.seccomp.is_none());
+        assert!(with_profile(Value::Null).unwrap().seccomp.is_none());
+    }
+
+    #[test]
+    fn a_profile_is_read_with_its_rules() {
+        let spec = with_profile(json!({
+            "defaultAction": "SCMP_ACT_ALLOW",
+            "architectures": ["SCMP_ARCH_X86_64"],
+            "syscalls": [{"names": ["chmod", "fchmodat"], "action": "SCMP_ACT_ERRNO", "errnoRet": 1}]
+        }))
+        .unwrap();
+        let p = spec.seccomp.expect("a profile");
+        assert_eq!(p.default_action(), LinuxSeccompAction::ScmpActAllow);
+        assert_eq!(p.syscalls().as_ref().map(Vec::len), Some(1));
+        assert_eq!(
+            spec.json["linux"]["seccomp"]["defaultAction"],
+            "SCMP_ACT_ALLOW"
+        );
+    }
+
+    #[test]
+    fn a_profile_that_needs_a_seccomp_agent_is_refused_by_name() {
+        let e = with_profile(json!({
+            "defaultAction": "SCMP_ACT_ALLOW",
+            "listenerPath": "/run/seccomp-agent.sock",
+            "syscalls": [{"names": ["mkdir"], "action": "SCMP_ACT_NOTIFY"}]
+        }))
+        .expect_err("refused")
+        .to_string();
+        assert!(e.contains("c1") && e.contains("SCMP_ACT_NOTIFY"), "{e}");
+    }
+
+    #[test]
+    fn a_malformed_profile_is_refused_by_name() {
+        let e = with_profile(json!({"defaultAction": "SCMP_ACT_SOMETIMES"})).expect_err("refused");
+        assert!(matches!(e, SpecError::Malformed { .. }), "{e}");
+        let e = e.to_string();
+        assert!(e.contains("c1") && e.contains("SCMP_ACT_SOMETIMES"), "{e}");
+    }
+
     #[test]
     fn lsm_labels_are_dropped_from_specs_and_execs() {
         // What containerd's CRI sends on an AppArmor node, and on an SELinux node.
@@ -345,7 +445,9 @@ mod tests {
         spec["process"]["selinuxLabel"] = json!("system_u:system_r:container_t:s0:c4,c5");
         spec["linux"]["mountLabel"] = json!("system_u:object_r:container_file_t:s0:c4,c5");
         let raw = serde_json::to_vec(&spec).unwrap();
-        let spec = guest_spec(&raw, &ctx(Path::new("/r"), Some(7))).unwrap();
+        let spec = guest_spec(&raw, &ctx(Path::new("/r"), Some(7)))
+            .unwrap()
+            .json;
         assert!(spec["process"].get("apparmorProfile").is_none(), "{spec}");
         assert!(spec["process"].get("selinuxLabel").is_none(), "{spec}");
         assert!(spec["linux"].get("mountLabel").is_none(), "{spec}");
@@ -368,12 +470,16 @@ mod tests {
         let mut spec = base_spec();
         spec["process"]["noNewPrivileges"] = json!(false);
         let raw = serde_json::to_vec(&spec).unwrap();
-        let spec = guest_spec(&raw, &ctx(Path::new("/r"), Some(7))).unwrap();
+        let spec = guest_spec(&raw, &ctx(Path::new("/r"), Some(7)))
+            .unwrap()
+            .json;
         assert!(spec["process"].get("noNewPrivileges").is_none(), "{spec}");
         let mut spec = base_spec();
         spec["process"]["noNewPrivileges"] = json!(true);
         let raw = serde_json::to_vec(&spec).unwrap();
-        let spec = guest_spec(&raw, &ctx(Path::new("/r"), Some(7))).unwrap();
+        let spec = guest_spec(&raw, &ctx(Path::new("/r"), Some(7)))
+            .unwrap()
+            .json;
         assert_eq!(spec["process"]["noNewPrivileges"], json!(true));
         let p = guest_process(
             br#"{"args":["id"],"cwd":"/","user":{"uid":0,"gid":0},"noNewPrivileges":false}"#,
