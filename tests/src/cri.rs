@@ -252,6 +252,14 @@ fn open_stream(url: &str) -> Result<tungstenite::WebSocket<TcpStream>, String> {
     Ok(ws)
 }
 
+/// `data` as a message on `channel`: a binary message that starts with the
+/// channel's number.
+fn on_channel(channel: u8, data: &[u8]) -> tungstenite::Message {
+    let mut msg = vec![channel];
+    msg.extend_from_slice(data);
+    tungstenite::Message::binary(msg)
+}
+
 /// Runs the exec behind `url` (an `ExecResponse.url`) as `kubectl exec` does over a
 /// websocket: sends `stdin` (if any) on channel 0, collects channels 1 and 2 until the
 /// server closes, and reads the exit status from channel 3.
@@ -263,9 +271,7 @@ pub fn exec_stream(
     use tungstenite::Message;
     let mut ws = open_stream(url)?;
     if let Some(data) = stdin {
-        let mut msg = vec![STDIN_CHANNEL];
-        msg.extend_from_slice(data);
-        ws.send(Message::binary(msg))
+        ws.send(on_channel(STDIN_CHANNEL, data))
             .map_err(|e| format!("sending stdin: {e}"))?;
     }
     let deadline = Instant::now() + timeout;
@@ -332,10 +338,8 @@ impl AttachedTerminal {
     }
 
     fn send(&mut self, channel: u8, data: &[u8]) -> Result<(), String> {
-        let mut msg = vec![channel];
-        msg.extend_from_slice(data);
         self.ws
-            .send(tungstenite::Message::binary(msg))
+            .send(on_channel(channel, data))
             .map_err(|e| format!("attach {}: sending on channel {channel}: {e}", self.url))
     }
 
