@@ -21,6 +21,7 @@ use peapod_agent_protocol as proto;
 
 use crate::lock;
 use crate::process::{ChildStdio, Process, Reaper};
+use crate::sandbox;
 use crate::seccomp::ExecSeccomp;
 use crate::spec::{self, GuestContext, SpecError};
 use crate::storage::{self, ContainerRootfs};
@@ -138,6 +139,10 @@ impl Container {
                     sandbox_pid,
                 },
             )?;
+            // The pod's network is the guest's: its sysctls are set there, before the
+            // container runs, as runc sets them in the pod's namespace.
+            sandbox::apply_sysctls(Path::new(sandbox::SYSCTL_ROOT), &spec.network_sysctls)
+                .map_err(|e| ContainerError::runtime(id, "setting its network sysctls", e))?;
             write_json(&dir.join("config.json"), &spec.json)
                 .map_err(|e| ContainerError::runtime(id, "writing config.json", e))?;
             let (init, child) = Process::new(id.to_owned(), req.stdio)

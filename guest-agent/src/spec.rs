@@ -6,6 +6,7 @@
 //! everything else (process, mounts, capabilities, seccomp, rlimits, resources)
 //! passes through to libcontainer unchanged.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use oci_spec::runtime::{LinuxSeccomp, LinuxSeccompAction};
@@ -58,6 +59,10 @@ pub struct GuestSpec {
     /// Its seccomp profile, which the agent also gives the container's execs
     /// (libcontainer does not: see seccomp.rs).
     pub seccomp: Option<LinuxSeccomp>,
+    /// The spec's `net.*` sysctls, taken out of it: they belong to the pod's network,
+    /// which is the guest's own, and the agent writes them there (see
+    /// [`take_network_sysctls`]).
+    pub network_sysctls: BTreeMap<String, String>,
 }
 
 /// Parses and rewrites a container's spec for the guest.
@@ -134,10 +139,40 @@ pub fn guest_spec(raw: &[u8], ctx: &GuestContext) -> Result<GuestSpec, SpecError
     if let Some(namespaces) = linux.get_mut("namespaces").and_then(Value::as_array_mut) {
         rewrite_namespaces(namespaces, ctx)?;
     }
+    let network_sysctls = take_network_sysctls(linux);
     Ok(GuestSpec {
         json: spec,
         seccomp,
+        network_sysctls,
     })
+}
+
+/// Takes the `net.*` sysctls out of a spec's `linux` section. On a node they are set in
+/// the pod's network namespace, which the sandbox container creates: containerd 2.x
+/// gives every pod's sandbox `net.ipv4.ip_unprivileged_port_start` and
+/// `net.ipv4.ping_group_range`, and a pod's `securityContext.sysctls` land there too.
+/// In the guest the pod's network is the guest's own (the network namespace is dropped
+/// from the spec), so libcontainer would refuse them ("not allowed in host network
+/// namespace"); the agent writes them to the guest's network instead, which is what
+/// they mean. The rest (`kernel.shm*`, `fs.mqueue.*`...) stay, for the container's own
+/// IPC namespace.
+fn take_network_sysctls(linux: &mut serde_json::Map<String, Value>) -> BTreeMap<String, String> {
+    let Some(sysctl) = linux.get_mut("sysctl").and_then(Value::as_object_mut) else {
+        return BTreeMap::new();
+    };
+    let names: Vec<String> = sysctl
+        .keys()
+        .filter(|name| name.starts_with("net.") || name.starts_with("net/"))
+        .cloned()
+        .collect();
+    names
+        .into_iter()
+        .filter_map(|name| {
+            let value = sysctl.remove(&name)?;
+            // The typed parse has checked that every value is a string.
+            Some((name, value.as_str().unwrap_or_default().to_owned()))
+        })
+        .collect()
 }
 
 /// Whether `profile` hands calls to a seccomp agent (SCMP_ACT_NOTIFY), which a VM
@@ -362,6 +397,36 @@ mod tests {
             terminal: true,
             sandbox_pid,
         }
+    }
+
+    #[test]
+    fn network_sysctls_go_to_the_guest_and_the_rest_stay() {
+        let mut spec = base_spec();
+        // What containerd 2.x puts on every sandbox, plus an IPC one.
+        spec["linux"]["sysctl"] = json!({
+            "net.ipv4.ip_unprivileged_port_start": "0",
+            "net.ipv4.ping_group_range": "0 2147483647",
+            "kernel.shm_rmid_forced": "1"
+        });
+        let raw = serde_json::to_vec(&spec).unwrap();
+        let spec = guest_spec(&raw, &ctx(Path::new("/r"), Some(7))).unwrap();
+        assert_eq!(
+            spec.network_sysctls,
+            BTreeMap::from([
+                ("net.ipv4.ip_unprivileged_port_start".into(), "0".into()),
+                ("net.ipv4.ping_group_range".into(), "0 2147483647".into()),
+            ])
+        );
+        assert_eq!(
+            spec.json["linux"]["sysctl"],
+            json!({"kernel.shm_rmid_forced": "1"})
+        );
+        let none = guest_spec(
+            &serde_json::to_vec(&base_spec()).unwrap(),
+            &ctx(Path::new("/r"), Some(7)),
+        )
+        .unwrap();
+        assert!(none.network_sysctls.is_empty());
     }
 
     #[test]
