@@ -148,6 +148,91 @@ pub struct ContainerdOptions {
     pub log_level: Option<String>,
     /// More environment for containerd (and so for the shims it starts).
     pub env: Vec<(OsString, OsString)>,
+    /// Which containerd runs; the installed one (Debian 12's 1.6) if `None`.
+    pub release: Option<ContainerdRelease>,
+}
+
+/// A containerd release: the installed one, or the `containerd` package of another
+/// Debian suite, fetched and extracted (not installed) by `tests/containerd-release.sh`
+/// into `/var/cache/peapod/containerd/<version>`. Debian 13's (trixie) is 1.7, and
+/// unstable's (sid) 2.x; their binaries need only libc, so they run here.
+#[derive(Clone, Debug)]
+pub struct ContainerdRelease {
+    /// Where `containerd`, `ctr` and `containerd-shim-runc-v2` are; `None`: on `PATH`.
+    pub bin_dir: Option<PathBuf>,
+    /// What `containerd --version` says, e.g. "1.7.24~ds1".
+    pub version: String,
+    /// The major version: 2 and later read configs of version 3.
+    pub major: u32,
+}
+
+impl ContainerdRelease {
+    /// The containerd on `PATH` (Debian 12's package, which `make test` installs).
+    pub fn installed() -> Self {
+        Self::at(None)
+    }
+
+    /// The containerd of Debian suite `suite` ("trixie", "sid"), fetched with apt into
+    /// the cache on first use.
+    pub fn debian(suite: &str) -> Self {
+        let script = crate::repo_root().join("tests/containerd-release.sh");
+        let out = Command::new(&script)
+            .arg(suite)
+            .stderr(Stdio::inherit())
+            .output()
+            .unwrap_or_else(|e| panic!("running {}: {e}", script.display()));
+        assert!(
+            out.status.success(),
+            "{} {suite} failed ({}): see its message above",
+            script.display(),
+            out.status
+        );
+        let dir = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        Self::at(Some(PathBuf::from(dir)))
+    }
+
+    fn at(bin_dir: Option<PathBuf>) -> Self {
+        let mut release = ContainerdRelease {
+            bin_dir,
+            version: String::new(),
+            major: 0,
+        };
+        let out = Command::new(release.binary("containerd"))
+            .arg("--version")
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run containerd: {e} (apt-get install containerd)"));
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        // "containerd github.com/containerd/containerd/v2 2.1.9+unknown <revision>"
+        release.version = text
+            .split_whitespace()
+            .nth(2)
+            .unwrap_or_else(|| panic!("containerd --version said {text:?}"))
+            .to_string();
+        release.major = release
+            .version
+            .split('.')
+            .next()
+            .and_then(|m| m.parse().ok())
+            .unwrap_or_else(|| panic!("containerd --version: no major version in {text:?}"));
+        release
+    }
+
+    /// The path of one of the release's programs.
+    pub fn binary(&self, name: &str) -> PathBuf {
+        match &self.bin_dir {
+            Some(dir) => dir.join(name),
+            None => name.into(),
+        }
+    }
+
+    /// The config version this release reads: 3 from containerd 2.0 on.
+    pub fn config_version(&self) -> u32 {
+        if self.major >= 2 {
+            3
+        } else {
+            2
+        }
+    }
 }
 
 impl ContainerdOptions {
@@ -185,6 +270,8 @@ pub struct Containerd {
     pub layer_cache: PathBuf,
     /// containerd's stdout and stderr, across restarts.
     pub log: PathBuf,
+    /// The containerd that runs.
+    pub release: ContainerdRelease,
     opts: ContainerdOptions,
     path_env: OsString,
     child: Option<Child>,
@@ -241,12 +328,24 @@ impl Containerd {
             );
             std::os::unix::fs::symlink(shim, bin.join(SHIM_NAME)).unwrap();
         }
-        let config = containerd_config(&root_dir, &socket, peapod_config.as_deref(), &opts);
+        let release = opts
+            .release
+            .clone()
+            .unwrap_or_else(ContainerdRelease::installed);
+        let config = containerd_config(
+            &root_dir,
+            &socket,
+            peapod_config.as_deref(),
+            &opts,
+            release.config_version(),
+        );
         std::fs::write(&config_path, config).unwrap();
 
-        // Our shim first; the rest of the inherited PATH, plus the usual system
-        // directories in case the test runs with a reduced one (runc is in /usr/sbin).
+        // Our shim first, then the release's own runc shim; the rest of the inherited
+        // PATH, plus the usual system directories in case the test runs with a reduced
+        // one (runc is in /usr/sbin).
         let mut dirs = vec![bin];
+        dirs.extend(release.bin_dir.clone());
         if let Some(p) = std::env::var_os("PATH") {
             dirs.extend(std::env::split_paths(&p));
         }
@@ -273,6 +372,7 @@ impl Containerd {
             state_dir,
             layer_cache,
             log,
+            release,
             opts,
             path_env,
             child: None,
@@ -288,7 +388,7 @@ impl Containerd {
             .append(true)
             .open(&self.log)
             .unwrap();
-        let mut cmd = Command::new("containerd");
+        let mut cmd = Command::new(self.release.binary("containerd"));
         cmd.arg("--config")
             .arg(&self.config_path)
             .env("PATH", &self.path_env)
@@ -439,7 +539,7 @@ impl Containerd {
         panic_on_timeout: bool,
         input: Option<Vec<u8>>,
     ) -> Option<Output> {
-        let mut child = Command::new("ctr")
+        let mut child = Command::new(self.release.binary("ctr"))
             .arg("--address")
             .arg(&self.socket)
             .arg("--namespace")
@@ -503,9 +603,19 @@ impl Containerd {
     /// ctr's "unpacking <name> (sha256:...)...done"), checked to be in `ctr images ls`.
     pub fn import(&self, tar: &Path) -> String {
         let out = self.ctr_ok(&["images", "import", &tar.to_string_lossy()]);
+        // containerd 1.x's ctr says "unpacking <ref> (sha256:...)...done"; 2.x's
+        // says "<ref>   saved".
         let reference = out
             .lines()
-            .find_map(|l| l.strip_prefix("unpacking ")?.split(" (").next())
+            .find_map(|l| {
+                l.strip_prefix("unpacking ")
+                    .and_then(|r| r.split(" (").next())
+                    .or_else(|| {
+                        let mut words = l.split_whitespace();
+                        let reference = words.next()?;
+                        (words.next() == Some("saved")).then_some(reference)
+                    })
+            })
             .unwrap_or_else(|| {
                 panic!(
                     "ctr images import {}: no image named in its output:\n{out}",
@@ -711,16 +821,26 @@ fn containerd_config(
     socket: &Path,
     peapod_config: Option<&Path>,
     opts: &ContainerdOptions,
+    version: u32,
 ) -> String {
     let q = |p: &Path| toml_string(&p.to_string_lossy());
     let (disabled, cri) = match &opts.cri {
-        Some(c) => (String::new(), c.to_toml(dir, peapod_config)),
+        Some(c) => (String::new(), c.to_toml(dir, peapod_config, version)),
         None => (toml_string(CRI_PLUGIN), String::new()),
     };
     let level = opts.log_level.as_deref().unwrap_or("debug");
     let ttrpc = socket.with_extension("sock.ttrpc");
+    // containerd 2.x has no "opt" plugin.
+    let opt = if version < 3 {
+        format!(
+            "[plugins.\"io.containerd.internal.v1.opt\"]\n  path = {}\n",
+            q(&dir.join("opt"))
+        )
+    } else {
+        String::new()
+    };
     format!(
-        r#"version = 2
+        r#"version = {version}
 root = {root}
 state = {state}
 temp = {temp}
@@ -739,16 +859,13 @@ disabled_plugins = [{disabled}]
 [metrics]
   address = ""
 
-[plugins."io.containerd.internal.v1.opt"]
-  path = {opt}
-{cri}"#,
+{opt}{cri}"#,
         root = q(&dir.join("root")),
         state = q(&dir.join("state")),
         temp = q(&dir.join("tmp")),
         grpc = q(socket),
         ttrpc = q(&ttrpc),
         level = toml_string(level),
-        opt = q(&dir.join("opt")),
     )
 }
 

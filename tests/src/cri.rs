@@ -28,6 +28,8 @@ use crate::containerd::toml_string;
 pub const PEAPOD_HANDLER: &str = "peapod";
 /// The containerd 1.x section that `make install` ships for the peapod runtime.
 pub const DEPLOYED_SECTION: &str = "shim/deploy/containerd-1.x.toml";
+/// The containerd 2.x section (config version 3) that `make install` ships.
+pub const DEPLOYED_SECTION_2X: &str = "shim/deploy/containerd-2.x.toml";
 /// The shim config path that section names.
 const DEPLOYED_CONFIG_PATH: &str = "/etc/peapod/config.toml";
 /// The deadline of one CRI call: RunPodSandbox boots a VM and starts its pause
@@ -44,57 +46,92 @@ pub struct CriConfig {
 }
 
 impl CriConfig {
-    /// The plugin's tables for containerd 1.6/1.7's config (version 2): runc as the
+    /// The plugin's tables for a containerd config of `version` (2: containerd 1.6 and
+    /// 1.7, one `io.containerd.grpc.v1.cri` plugin; 3: containerd 2.x, whose CRI
+    /// settings are split among the images, runtime and gRPC plugins): runc as the
     /// default runtime (its state in `dir/runc`), peapod as handler [`PEAPOD_HANDLER`]
-    /// from the section `make install` ships ([`DEPLOYED_SECTION`]) with its
-    /// `ConfigPath` naming `peapod_config`, CNI from [`CNI_BIN_DIR`], and the streaming
-    /// server on a free loopback port.
-    pub fn to_toml(&self, dir: &Path, peapod_config: Option<&Path>) -> String {
+    /// from the section `make install` ships for that version ([`DEPLOYED_SECTION`],
+    /// [`DEPLOYED_SECTION_2X`]) with its `ConfigPath` naming `peapod_config`, CNI from
+    /// [`CNI_BIN_DIR`], and the streaming server on a free loopback port.
+    pub fn to_toml(&self, dir: &Path, peapod_config: Option<&Path>, version: u32) -> String {
         let q = |p: &Path| toml_string(&p.to_string_lossy());
-        let cri = r#"[plugins."io.containerd.grpc.v1.cri"]"#.trim_end_matches(']');
-        let section_path = crate::repo_root().join(DEPLOYED_SECTION);
+        let grpc = r#"[plugins."io.containerd.grpc.v1.cri"]"#.trim_end_matches(']');
+        let (runtime, images, section) = if version >= 3 {
+            (
+                r#"[plugins."io.containerd.cri.v1.runtime""#,
+                r#"[plugins."io.containerd.cri.v1.images""#,
+                DEPLOYED_SECTION_2X,
+            )
+        } else {
+            (grpc, grpc, DEPLOYED_SECTION)
+        };
+        let section_path = crate::repo_root().join(section);
         let deployed = std::fs::read_to_string(&section_path)
             .unwrap_or_else(|e| panic!("{}: {e}", section_path.display()));
         let default_config = toml_string(DEPLOYED_CONFIG_PATH);
         assert!(
             deployed.contains(&default_config),
-            "{DEPLOYED_SECTION} no longer names {DEPLOYED_CONFIG_PATH}"
+            "{section} no longer names {DEPLOYED_CONFIG_PATH}"
         );
         let peapod = match peapod_config {
             Some(p) => deployed.replace(&default_config, &q(p)),
             None => deployed,
         };
+        // Version 2 keeps the keys in the one plugin's table (the snapshotter with the
+        // runtimes); version 3 gives the images plugin the snapshotter and the sandbox
+        // image (as a pinned image), and the runtime plugin the rest.
+        let sandbox = toml_string(&self.sandbox_image);
+        let (grpc_keys, images_tables, runtime_table, snapshotter) = if version >= 3 {
+            (
+                String::new(),
+                format!(
+                    "\n{images}]\n  snapshotter = \"overlayfs\"\n\n{images}.pinned_images]\n  \
+                     sandbox = {sandbox}\n"
+                ),
+                format!("\n{runtime}]\n"),
+                "",
+            )
+        } else {
+            (
+                format!("  sandbox_image = {sandbox}\n"),
+                String::new(),
+                String::new(),
+                "  snapshotter = \"overlayfs\"\n",
+            )
+        };
         format!(
             r#"
-{cri}]
-  sandbox_image = {sandbox}
-  stream_server_address = "127.0.0.1"
+{grpc}]
+{grpc_keys}  stream_server_address = "127.0.0.1"
   stream_server_port = "0"
-  enable_selinux = false
+{images_tables}{runtime_table}  enable_selinux = false
   # CRI gives sandboxes oom_score_adj -998; writing a negative one takes
   # CAP_SYS_RESOURCE, which these machines' root lacks, and runc then fails to start
   # the container. Clamped at containerd's own score, runc starts them.
   restrict_oom_score_adj = true
 
-{cri}.containerd]
-  snapshotter = "overlayfs"
-  default_runtime_name = "runc"
+{runtime}.containerd]
+{snapshotter}  default_runtime_name = "runc"
 
-{cri}.containerd.runtimes.runc]
+{runtime}.containerd.runtimes.runc]
   runtime_type = "io.containerd.runc.v2"
 
-{cri}.containerd.runtimes.runc.options]
+{runtime}.containerd.runtimes.runc.options]
   Root = {runc_root}
 
 {peapod}
-{cri}.cni]
-  bin_dir = {bin_dir}
+{runtime}.cni]
+  {bin_dir}
   conf_dir = {conf_dir}
   max_conf_num = 1
 "#,
-            sandbox = toml_string(&self.sandbox_image),
             runc_root = q(&dir.join("runc")),
-            bin_dir = toml_string(CNI_BIN_DIR),
+            // containerd 2.1 deprecates `bin_dir` for a list.
+            bin_dir = if version >= 3 {
+                format!("bin_dirs = [{}]", toml_string(CNI_BIN_DIR))
+            } else {
+                format!("bin_dir = {}", toml_string(CNI_BIN_DIR))
+            },
             conf_dir = q(&self.cni_conf_dir),
         )
     }
@@ -419,10 +456,7 @@ mod tests {
     fn the_deployed_sections_select_the_shim() {
         for (file, plugin) in [
             (DEPLOYED_SECTION, "io.containerd.grpc.v1.cri"),
-            (
-                "shim/deploy/containerd-2.x.toml",
-                "io.containerd.cri.v1.runtime",
-            ),
+            (DEPLOYED_SECTION_2X, "io.containerd.cri.v1.runtime"),
         ] {
             let text = std::fs::read_to_string(crate::repo_root().join(file)).unwrap();
             let v: toml::Table = toml::from_str(&text).unwrap_or_else(|e| panic!("{file}: {e}"));
@@ -462,29 +496,70 @@ mod tests {
             sandbox_image: "docker.io/peapod/pause:test".into(),
             cni_conf_dir: "/x/net.d".into(),
         };
-        let text = c.to_toml(Path::new("/d"), Some(Path::new("/d/peapod.toml")));
-        let v: toml::Table = toml::from_str(&format!("version = 2\n{text}")).unwrap();
-        let cri = &v["plugins"]["io.containerd.grpc.v1.cri"];
-        let at = |path: &[&str]| {
-            let mut x = cri;
-            for p in path {
-                x = &x[*p];
-            }
-            x.as_str().unwrap().to_string()
-        };
-        assert_eq!(at(&["sandbox_image"]), "docker.io/peapod/pause:test");
-        assert_eq!(
-            at(&["containerd", "runtimes", "peapod", "runtime_type"]),
-            PEAPOD_RUNTIME
-        );
-        assert_eq!(
-            at(&["containerd", "runtimes", "peapod", "options", "ConfigPath"]),
-            "/d/peapod.toml"
-        );
-        assert_eq!(
-            at(&["containerd", "runtimes", "runc", "options", "Root"]),
-            "/d/runc"
-        );
-        assert_eq!(at(&["cni", "conf_dir"]), "/x/net.d");
+        for version in [2, 3] {
+            let text = c.to_toml(Path::new("/d"), Some(Path::new("/d/peapod.toml")), version);
+            let v: toml::Table = toml::from_str(&format!("version = {version}\n{text}"))
+                .unwrap_or_else(|e| panic!("version {version}: {e}\n{text}"));
+            let plugins = &v["plugins"];
+            let (runtime, images) = if version == 3 {
+                (
+                    &plugins["io.containerd.cri.v1.runtime"],
+                    &plugins["io.containerd.cri.v1.images"],
+                )
+            } else {
+                let cri = &plugins["io.containerd.grpc.v1.cri"];
+                (cri, cri)
+            };
+            let at = |mut x: &toml::Value, path: &[&str]| {
+                for p in path {
+                    x = &x[*p];
+                }
+                x.as_str().unwrap().to_string()
+            };
+            let sandbox: &[&str] = if version == 3 {
+                &["pinned_images", "sandbox"]
+            } else {
+                &["sandbox_image"]
+            };
+            assert_eq!(at(images, sandbox), "docker.io/peapod/pause:test");
+            let snapshotter: &[&str] = if version == 3 {
+                &["snapshotter"]
+            } else {
+                &["containerd", "snapshotter"]
+            };
+            assert_eq!(at(images, snapshotter), "overlayfs");
+            assert_eq!(
+                at(
+                    runtime,
+                    &["containerd", "runtimes", "peapod", "runtime_type"]
+                ),
+                PEAPOD_RUNTIME
+            );
+            assert_eq!(
+                at(
+                    runtime,
+                    &["containerd", "runtimes", "peapod", "options", "ConfigPath"]
+                ),
+                "/d/peapod.toml"
+            );
+            assert_eq!(
+                at(
+                    runtime,
+                    &["containerd", "runtimes", "runc", "options", "Root"]
+                ),
+                "/d/runc"
+            );
+            assert_eq!(at(runtime, &["cni", "conf_dir"]), "/x/net.d");
+            let bin_dir = &runtime["cni"][if version == 3 { "bin_dirs" } else { "bin_dir" }];
+            assert!(bin_dir.to_string().contains(CNI_BIN_DIR), "{bin_dir}");
+            assert_eq!(runtime["restrict_oom_score_adj"].as_bool(), Some(true));
+            assert_eq!(
+                at(
+                    &plugins["io.containerd.grpc.v1.cri"],
+                    &["stream_server_address"]
+                ),
+                "127.0.0.1"
+            );
+        }
     }
 }
