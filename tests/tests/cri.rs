@@ -10,9 +10,10 @@ use std::net::SocketAddr;
 use std::sync::Mutex;
 
 use k8s_cri::v1::*;
+use peapod_tests::containerd::{ContainerdOptions, ContainerdRelease};
 use peapod_tests::cri::{exec_stream, AttachedTerminal, PEAPOD_HANDLER};
 use peapod_tests::kubelet::{ContainerSpec, Node, CONTAINER_TIMEOUT};
-use peapod_tests::{guest_kernel_release, host_kernel_release, read_until_closed};
+use peapod_tests::{guest_kernel_release, host_kernel_release, read_until_closed, require_kvm};
 
 /// The leftovers check looks at host-wide things (CRI's network namespaces): tests
 /// that run pods take turns.
@@ -420,5 +421,66 @@ fn a_host_network_pod_is_refused_with_the_reason() {
         err.contains("host's network"),
         "the error names the cause: {err}"
     );
+    node.finish();
+}
+
+/// containerd 1.7, Debian 13's package (fetched, not installed), runs a peapod pod
+/// through its life: run, logs, exec, stop, remove, nothing left.
+#[test]
+fn containerd_1_7_runs_a_pod_through_its_life() {
+    pod_life_on(ContainerdRelease::debian("trixie"), 1);
+}
+
+/// containerd 2.x, Debian unstable's package, with the config of version 3 and the
+/// section `make install` ships for it, runs a peapod pod through its life. Its CRI
+/// gives every sandbox `net.ipv4.ip_unprivileged_port_start=0`, which the guest's
+/// network takes.
+#[test]
+fn containerd_2_runs_a_pod_through_its_life() {
+    pod_life_on(ContainerdRelease::debian("sid"), 2);
+}
+
+/// A pod of one container on containerd `release` (of major version `major`):
+/// RunPodSandbox, Create/StartContainer, its CRI log, ExecSync in the guest,
+/// StopContainer, Stop/RemovePodSandbox, then the leftovers check.
+fn pod_life_on(release: ContainerdRelease, major: u32) {
+    require_kvm();
+    assert_eq!(
+        release.major, major,
+        "Debian's package changed its major version: {release:?}"
+    );
+    eprintln!("containerd {} from {:?}", release.version, release.bin_dir);
+    let _turn = one_node_at_a_time();
+    let node = Node::start_with(ContainerdOptions {
+        release: Some(release),
+        ..ContainerdOptions::peapod()
+    });
+    let pod = node.run_pod("life", PEAPOD_HANDLER);
+    let main = node.run_container(
+        &pod,
+        &ContainerSpec::shell("main", "echo alive-in-the-guest; exec sleep 3600"),
+    );
+    node.wait_log(&main, "alive-in-the-guest");
+    let seen = node.exec_ok(
+        &main,
+        "uname -r; cat /proc/sys/net/ipv4/ip_unprivileged_port_start",
+    );
+    let lines: Vec<&str> = seen.lines().collect();
+    assert_eq!(
+        lines.first().copied(),
+        Some(guest_kernel_release().as_str())
+    );
+    // containerd 2.x's CRI enables unprivileged ports by default; 1.x leaves the
+    // kernel's 1024.
+    let port_start = if major >= 2 { "0" } else { "1024" };
+    assert_eq!(lines.get(1).copied(), Some(port_start), "{seen:?}");
+    node.cri
+        .stop_container(StopContainerRequest {
+            container_id: main.id.clone(),
+            timeout: 5,
+        })
+        .expect("StopContainer");
+    node.wait_container_state(&main, ContainerState::ContainerExited);
+    node.remove_pod(&pod);
     node.finish();
 }
