@@ -6,9 +6,13 @@
 //! * the overlayfs snapshotter's one `overlay` mount, `lowerdir=L1:L2:...` (L1 the
 //!   topmost layer), `upperdir=U`, `workdir=W` and options peapod does not need
 //!   (`index=off`, `userxattr`...), which are ignored. Every lower directory is a
-//!   committed snapshot, immutable: it becomes a read-only image ONCE per node, kept
-//!   in a [`LayerCache`] shared by every pod and every shim process. A non-empty
-//!   upperdir becomes one more, uncached, image on top.
+//!   committed snapshot, immutable: the whole chain of them becomes ONE read-only
+//!   image of the merged tree, once per node, kept in a [`LayerCache`] shared by every
+//!   pod and every shim process. One disk per image, whatever its number of layers,
+//!   and every pod of an image reads the same file (one copy in the host's page
+//!   cache); the price is disk space for bases that several images share
+//!   (docs/decisions.md). A non-empty upperdir becomes one more, uncached, image on
+//!   top.
 //! * the native snapshotter's (or an image without layers') one `bind` mount of a
 //!   directory: a mutable, per-container tree, imaged uncached into the container's
 //!   work directory.
@@ -21,10 +25,12 @@
 //! back to containerd's snapshot (its upperdir stays as containerd made it), so
 //! `ctr snapshot` / `nerdctl commit` of a peapod container do not see them.
 
+use std::ffi::CString;
 use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -109,6 +115,17 @@ pub enum RootfsError {
         status: String,
         stderr: String,
     },
+    #[error(
+        "cannot merge the image's {layers} layers (under {}) into one image: {cause}{hint}",
+        base.display()
+    )]
+    Merge {
+        layers: usize,
+        base: PathBuf,
+        cause: String,
+        /// What to do, starting with "; ", or empty.
+        hint: String,
+    },
     #[error("{what} {}: {source}{hint}", path.display())]
     Io {
         what: String,
@@ -164,8 +181,8 @@ pub struct LayerCache {
 }
 
 /// Bumped when the images' format or the key's makeup change, so that old images are
-/// not taken for new ones.
-const KEY_VERSION: &str = "peapod-layer-v1";
+/// not taken for new ones. v2: an image holds a whole chain of layers, merged.
+const KEY_VERSION: &str = "peapod-layer-v2";
 
 impl LayerCache {
     pub fn new(dir: impl Into<PathBuf>) -> Self {
@@ -185,10 +202,18 @@ impl LayerCache {
         &self.dir
     }
 
-    /// The image of committed snapshot `snapshot_dir`, built now if the cache lacks it.
-    /// Blocking.
+    /// The image of committed snapshot `snapshot_dir` alone, built now if the cache
+    /// lacks it. Blocking.
     pub fn layer(&self, snapshot_dir: &Path) -> Result<LayerImage, RootfsError> {
-        let key = layer_key(snapshot_dir)?;
+        self.chain(&[snapshot_dir.to_path_buf()])
+    }
+
+    /// One image of the tree that committed snapshots `lowerdirs` (topmost first, as in
+    /// `lowerdir=`) make when stacked, built now if the cache lacks it: later layers'
+    /// whiteouts and opaque directories are applied, so the image has neither.
+    /// Blocking.
+    pub fn chain(&self, lowerdirs: &[PathBuf]) -> Result<LayerImage, RootfsError> {
+        let key = chain_key(lowerdirs)?;
         std::fs::create_dir_all(&self.dir)
             .map_err(|e| io_error("creating the layer cache", &self.dir, e))?;
         let found = |key: &str| {
@@ -227,16 +252,18 @@ impl LayerCache {
             std::process::id(),
             unique()
         ));
-        let built = self
-            .build(snapshot_dir, &tmp, fstype)
-            .and_then(|()| sync_file(&tmp))
-            .and_then(|()| {
-                let path = self.dir.join(format!("{key}.{fstype}"));
-                std::fs::rename(&tmp, &path)
-                    .map_err(|e| io_error("renaming the new image into", &path, e))?;
-                sync_dir(&self.dir);
-                Ok(path)
-            });
+        let built = match lowerdirs {
+            [one] => self.build(one, &tmp, fstype),
+            several => self.build_merged(several, &tmp, fstype),
+        }
+        .and_then(|()| sync_file(&tmp))
+        .and_then(|()| {
+            let path = self.dir.join(format!("{key}.{fstype}"));
+            std::fs::rename(&tmp, &path)
+                .map_err(|e| io_error("renaming the new image into", &path, e))?;
+            sync_dir(&self.dir);
+            Ok(path)
+        });
         match built {
             Ok(path) => {
                 self.builds.fetch_add(1, Ordering::Relaxed);
@@ -277,6 +304,49 @@ impl LayerCache {
         }
     }
 
+    /// Builds the image of the stacked `lowerdirs` at `image`: the mkfs program reads
+    /// a read-only overlay of them, mounted in a mount namespace of its own, so the
+    /// mount ends with the program whatever happens to the shim.
+    fn build_merged(
+        &self,
+        lowerdirs: &[PathBuf],
+        image: &Path,
+        fstype: &'static str,
+    ) -> Result<(), RootfsError> {
+        // The program runs in the layers' common directory: absolute paths only.
+        let image = &std::path::absolute(image)
+            .map_err(|e| io_error("resolving the image's path", image, e))?;
+        let mountpoint = image.with_extension("mnt");
+        std::fs::create_dir(&mountpoint)
+            .map_err(|e| io_error("creating a mount point", &mountpoint, e))?;
+        let merged = MergedLayers::new(lowerdirs, &mountpoint).and_then(|merged| {
+            match (fstype, &self.tools.erofs) {
+                ("erofs", Some(program)) => {
+                    build_erofs_with(program, &mountpoint, image, |c| merged.mount_before_exec(c))
+                }
+                _ => {
+                    // mkfs.ext4 -d sizes from the tree; the layers' sum bounds the
+                    // merged tree's size from above.
+                    let mut usage = Usage {
+                        bytes: 0,
+                        entries: 0,
+                    };
+                    for dir in lowerdirs {
+                        let u = tree_usage(dir)?;
+                        usage.bytes += u.bytes;
+                        usage.entries += u.entries;
+                    }
+                    build_ext4_with(&self.tools.ext4, &mountpoint, image, usage, |c| {
+                        merged.mount_before_exec(c)
+                    })
+                }
+            }
+            .map_err(|e| merged.explain(e))
+        });
+        let _ = std::fs::remove_dir(&mountpoint);
+        merged
+    }
+
     /// An uncached image of `dir` at `stem` plus the fstype's extension.
     fn image_of(&self, dir: &Path, stem: &Path) -> Result<LayerImage, RootfsError> {
         let fstype = self.fstype();
@@ -295,10 +365,21 @@ impl LayerCache {
     }
 }
 
-/// The cache key of a snapshot directory: a hash of its canonical path, device, inode
-/// and change time, so that a path reused for new content (a new inode, or new entries
-/// changing the ctime) never finds the old image.
-fn layer_key(dir: &Path) -> Result<String, RootfsError> {
+/// The cache key of a chain of snapshot directories: a hash of each one's identity
+/// (its canonical path, device, inode and change time), in order, so that a path
+/// reused for new content (a new inode, or new entries changing the ctime) never finds
+/// the old image, and two images sharing some layers get images of their own.
+fn chain_key(dirs: &[PathBuf]) -> Result<String, RootfsError> {
+    let mut hash = Sha256::new();
+    hash.update(KEY_VERSION.as_bytes());
+    for dir in dirs {
+        hash.update([0]);
+        layer_identity(dir, &mut hash)?;
+    }
+    Ok(hash.finalize().iter().map(|b| format!("{b:02x}")).collect())
+}
+
+fn layer_identity(dir: &Path, hash: &mut Sha256) -> Result<(), RootfsError> {
     let canonical = dir
         .canonicalize()
         .map_err(|e| io_error("reading layer directory", dir, e))?;
@@ -312,9 +393,6 @@ fn layer_key(dir: &Path) -> Result<String, RootfsError> {
             hint: "; a snapshot's layer is a directory".to_string(),
         });
     }
-    let mut hash = Sha256::new();
-    hash.update(KEY_VERSION.as_bytes());
-    hash.update([0]);
     hash.update(canonical.as_os_str().as_encoded_bytes());
     hash.update([0]);
     for n in [
@@ -325,7 +403,7 @@ fn layer_key(dir: &Path) -> Result<String, RootfsError> {
     ] {
         hash.update(n.to_le_bytes());
     }
-    Ok(hash.finalize().iter().map(|b| format!("{b:02x}")).collect())
+    Ok(())
 }
 
 /// Removes the files of `dir` whose names start with `prefix`; best effort.
@@ -412,16 +490,23 @@ fn run_mkfs(cmd: &mut Command, dir: &Path, image: &Path) -> Result<(), RootfsErr
 /// reads the image through an ordinary block device, where inline data only saves
 /// space; it matters for DAX or fscache-backed mounts, which peapod does not use.
 pub fn build_erofs(program: &Path, dir: &Path, image: &Path) -> Result<(), RootfsError> {
+    build_erofs_with(program, dir, image, |_| {})
+}
+
+/// [`build_erofs`], with `hook` applied to the mkfs command before it runs.
+fn build_erofs_with(
+    program: &Path,
+    dir: &Path,
+    image: &Path,
+    hook: impl FnOnce(&mut Command),
+) -> Result<(), RootfsError> {
     remove_if_there(image)?;
-    run_mkfs(
-        Command::new(program)
-            .args(["--quiet", "--preserve-mtime"])
-            .arg(image)
-            .arg(dir),
-        dir,
-        image,
-    )
-    .inspect_err(|_| {
+    let mut cmd = Command::new(program);
+    cmd.args(["--quiet", "--preserve-mtime"])
+        .arg(image)
+        .arg(dir);
+    hook(&mut cmd);
+    run_mkfs(&mut cmd, dir, image).inspect_err(|_| {
         let _ = std::fs::remove_file(image);
     })?;
     // A block device holds whole sectors; EROFS images are whole blocks already, but
@@ -447,8 +532,19 @@ pub fn build_erofs(program: &Path, dir: &Path, image: &Path) -> Result<(), Rootf
 /// An ext4 image of `dir` (`mkfs.ext4 -d`), sized from the tree with room for its
 /// metadata, without a journal (it is read-only in the guest).
 pub fn build_ext4(program: &Path, dir: &Path, image: &Path) -> Result<(), RootfsError> {
+    build_ext4_with(program, dir, image, tree_usage(dir)?, |_| {})
+}
+
+/// [`build_ext4`] of a tree of `usage` (or less), with `hook` applied to the mkfs
+/// command before it runs.
+fn build_ext4_with(
+    program: &Path,
+    dir: &Path,
+    image: &Path,
+    usage: Usage,
+    hook: impl FnOnce(&mut Command),
+) -> Result<(), RootfsError> {
     remove_if_there(image)?;
-    let usage = tree_usage(dir)?;
     // Every entry gets its block and a 256-byte inode; then the superblock, group
     // descriptors, bitmaps and a margin of an eighth.
     let inodes = usage.entries + 64;
@@ -458,18 +554,16 @@ pub fn build_ext4(program: &Path, dir: &Path, image: &Path) -> Result<(), Rootfs
         .and_then(|f| f.set_len(size))
         .map_err(|e| io_error("creating the image", image, e));
     let result = made.and_then(|()| {
-        run_mkfs(
-            Command::new(program)
-                .args([
-                    "-q", "-F", "-t", "ext4", "-b", "4096", "-m", "0", "-I", "256",
-                ])
-                .args(["-O", "^has_journal", "-N", &inodes.to_string()])
-                .args(["-E", "lazy_itable_init=1,nodiscard", "-d"])
-                .arg(dir)
-                .arg(image),
-            dir,
-            image,
-        )
+        let mut cmd = Command::new(program);
+        cmd.args([
+            "-q", "-F", "-t", "ext4", "-b", "4096", "-m", "0", "-I", "256",
+        ])
+        .args(["-O", "^has_journal", "-N", &inodes.to_string()])
+        .args(["-E", "lazy_itable_init=1,nodiscard", "-d"])
+        .arg(dir)
+        .arg(image);
+        hook(&mut cmd);
+        run_mkfs(&mut cmd, dir, image)
     });
     if result.is_err() {
         let _ = std::fs::remove_file(image);
@@ -499,6 +593,159 @@ pub fn build_upper(program: &Path, image: &Path, bytes: u64) -> Result<(), Rootf
         let _ = std::fs::remove_file(image);
     }
     result
+}
+
+/// The most layers the kernel's overlayfs stacks (`OVL_MAX_STACK`).
+const OVERLAY_MAX_LAYERS: usize = 500;
+/// The most bytes of options a mount takes: one page, its last byte a NUL.
+const MOUNT_OPTIONS_MAX: usize = 4095;
+
+/// A read-only overlay of committed snapshots for an mkfs program to read, mounted in
+/// the program's own mount namespace just before it runs: the mount is never seen on
+/// the host and ends with the program.
+struct MergedLayers {
+    layers: usize,
+    /// The lower directories' deepest common ancestor. The mount runs there, with the
+    /// directories named relative to it, so that the options fit a page however many
+    /// layers there are (containerd mounts its snapshots the same way).
+    base: PathBuf,
+    base_c: CString,
+    target: CString,
+    options: CString,
+}
+
+impl MergedLayers {
+    fn new(lowerdirs: &[PathBuf], mountpoint: &Path) -> Result<Self, RootfsError> {
+        let mut dirs = Vec::with_capacity(lowerdirs.len());
+        for dir in lowerdirs {
+            dirs.push(
+                dir.canonicalize()
+                    .map_err(|e| io_error("reading layer directory", dir, e))?,
+            );
+        }
+        let mut base = dirs[0].clone();
+        while !dirs.iter().all(|d| d.starts_with(&base)) {
+            base.pop();
+        }
+        let merge_error = |cause: String, hint: &str| RootfsError::Merge {
+            layers: lowerdirs.len(),
+            base: base.clone(),
+            cause,
+            hint: hint.to_string(),
+        };
+        if dirs.len() > OVERLAY_MAX_LAYERS {
+            return Err(merge_error(
+                format!("the kernel's overlayfs stacks at most {OVERLAY_MAX_LAYERS} layers"),
+                "; squash the image's layers (e.g. a multi-stage build that copies the \
+                 result into one layer)",
+            ));
+        }
+        let mut relative = Vec::with_capacity(dirs.len());
+        for dir in &dirs {
+            let rel = dir.strip_prefix(&base).unwrap_or(dir);
+            let rel = if rel.as_os_str().is_empty() {
+                "."
+            } else {
+                rel.to_str().unwrap_or("\u{fffd}")
+            };
+            if rel.contains([':', ',', '\\', '\u{fffd}']) {
+                return Err(merge_error(
+                    format!("layer directory {} has a ':', ',', '\\' or a byte that is not UTF-8 in its path, which a mount's lowerdir= cannot carry", dir.display()),
+                    "; keep the snapshotter's root under a plain path",
+                ));
+            }
+            relative.push(rel);
+        }
+        let options = format!("lowerdir={}", relative.join(":"));
+        if options.len() > MOUNT_OPTIONS_MAX {
+            return Err(merge_error(
+                format!(
+                    "their paths take {} bytes as mount options, more than the {MOUNT_OPTIONS_MAX} a mount takes",
+                    options.len()
+                ),
+                "; squash the image's layers, or keep the snapshotter's root under a \
+                 shorter path",
+            ));
+        }
+        let c = |p: &Path| {
+            CString::new(p.as_os_str().as_encoded_bytes())
+                .map_err(|_| merge_error(format!("path {} holds a NUL byte", p.display()), ""))
+        };
+        let target = std::path::absolute(mountpoint)
+            .map_err(|e| io_error("resolving the mount point", mountpoint, e))?;
+        Ok(MergedLayers {
+            layers: dirs.len(),
+            base_c: c(&base)?,
+            target: c(&target)?,
+            options: CString::new(options).expect("checked: no NUL"),
+            base,
+        })
+    }
+
+    /// Makes `cmd` mount the overlay in a mount namespace of its own before its exec.
+    fn mount_before_exec(&self, cmd: &mut Command) {
+        let (base, target, options) = (
+            self.base_c.clone(),
+            self.target.clone(),
+            self.options.clone(),
+        );
+        let hook = move || -> io::Result<()> {
+            let check = |r: libc::c_int| {
+                if r == 0 {
+                    Ok(())
+                } else {
+                    Err(io::Error::last_os_error())
+                }
+            };
+            // SAFETY: between fork and exec: only system calls, on NUL-terminated
+            // strings built before the fork, which outlive the calls; no allocation,
+            // no lock.
+            unsafe {
+                check(libc::unshare(libc::CLONE_NEWNS))?;
+                check(libc::mount(
+                    c"none".as_ptr(),
+                    c"/".as_ptr(),
+                    std::ptr::null(),
+                    libc::MS_REC | libc::MS_PRIVATE,
+                    std::ptr::null(),
+                ))?;
+                check(libc::chdir(base.as_ptr()))?;
+                check(libc::mount(
+                    c"overlay".as_ptr(),
+                    target.as_ptr(),
+                    c"overlay".as_ptr(),
+                    libc::MS_RDONLY,
+                    options.as_ptr().cast(),
+                ))
+            }
+        };
+        // SAFETY: the hook runs in the child between fork and exec and does only
+        // async-signal-safe system calls (see above).
+        unsafe {
+            cmd.pre_exec(hook);
+        }
+    }
+
+    /// A failure to start the mkfs program is the mount's (the program itself was
+    /// found): said as such.
+    fn explain(&self, e: RootfsError) -> RootfsError {
+        match e {
+            RootfsError::Io { what, source, .. } if what.starts_with("running ") => {
+                let hint = match source.raw_os_error() {
+                    Some(libc::EPERM) => "; the shim needs CAP_SYS_ADMIN (it runs as root)",
+                    Some(libc::ENODEV) => "; the node's kernel needs overlayfs (modprobe overlay)",
+                    _ => "",
+                };
+                RootfsError::Merge {
+                    layers: self.layers,
+                    base: self.base.clone(),
+                    cause: format!("mounting them as one read-only overlay: {source}"),
+                    hint: hint.to_string(),
+                }
+            }
+            other => other,
+        }
+    }
 }
 
 fn remove_if_there(path: &Path) -> Result<(), RootfsError> {
@@ -647,9 +894,7 @@ pub fn prepare(
                 undo.files.push(stem.with_extension(cache.fstype()));
                 layers.push(cache.image_of(upper, &stem)?);
             }
-            for lower in &options.lowerdirs {
-                layers.push(cache.layer(lower)?);
-            }
+            layers.push(cache.chain(&options.lowerdirs)?);
         }
         None => {
             let stem = work_dir.join("rootfs");
@@ -1008,7 +1253,7 @@ mod tests {
         assert_eq!(cache.builds(), 3);
         // A crashed builder's temporary file is removed by the next build of its key.
         std::fs::write(tree.join("touch"), "").unwrap();
-        let key = layer_key(&tree).unwrap();
+        let key = chain_key(std::slice::from_ref(&tree)).unwrap();
         let stale = cache.dir().join(format!("{key}.tmp-99999999-0.erofs"));
         std::fs::write(&stale, "half an image").unwrap();
         cache.layer(&tree).unwrap();
@@ -1130,10 +1375,9 @@ mod tests {
             64 << 20,
         )
         .expect("prepare");
-        assert_eq!(p.layers.len(), 2);
-        assert!(p.layers.iter().all(|l| l.cached));
-        assert_eq!(p.layers[0], cache.layer(&l1).unwrap(), "topmost first");
-        assert_eq!(p.layers[1], cache.layer(&l2).unwrap());
+        assert_eq!(p.layers.len(), 1, "one image for the chain");
+        assert!(p.layers[0].cached);
+        assert_eq!(p.layers[0], cache.chain(&[l1.clone(), l2.clone()]).unwrap());
         assert_eq!(p.upper, work.join("upper.ext4"));
         assert!(ext4_magic(&p.upper));
         let upper_meta = std::fs::metadata(&p.upper).unwrap();
@@ -1153,15 +1397,136 @@ mod tests {
             64 << 20,
         )
         .expect("prepare with an upper");
-        assert_eq!(p.layers.len(), 3);
+        assert_eq!(p.layers.len(), 2);
         assert!(!p.layers[0].cached && p.layers[0].path.starts_with(&work));
-        assert!(p.layers[1].cached && p.layers[2].cached);
+        assert!(p.layers[1].cached);
         let m = Mounted::new(&p.layers[0].path, p.layers[0].fstype);
         assert_eq!(
             std::fs::read_to_string(m.path().join("written")).unwrap(),
             "by containerd"
         );
-        assert_eq!(cache.builds(), 2, "each lower built once");
+        assert_eq!(cache.builds(), 1, "the chain built once");
+    }
+
+    /// Two layers as an image builder leaves them: the top one replaces a file, deletes
+    /// one (a whiteout) and makes a directory opaque.
+    fn two_layers(parent: &Path) -> (PathBuf, PathBuf) {
+        let bottom = parent.join("bottom");
+        for d in ["etc", "opaque", "keep"] {
+            std::fs::create_dir_all(bottom.join(d)).unwrap();
+        }
+        std::fs::write(bottom.join("etc/hello"), "bottom").unwrap();
+        std::fs::write(bottom.join("gone"), "deleted above").unwrap();
+        std::fs::write(bottom.join("opaque/old"), "hidden above").unwrap();
+        std::fs::write(bottom.join("keep/x"), "kept").unwrap();
+        let top = layer_tree(parent, "top", "top");
+        std::fs::write(top.join("opaque/new"), "new").unwrap();
+        (top, bottom)
+    }
+
+    #[test]
+    fn a_chain_is_one_image_of_the_merged_tree() {
+        crate::test_util::require_root("it makes device nodes, trusted.* xattrs and mounts");
+        let tmp = tempfile::tempdir().unwrap();
+        let (top, bottom) = two_layers(tmp.path());
+        let cache = LayerCache::new(tmp.path().join("cache"));
+        let image = cache.chain(&[top.clone(), bottom.clone()]).unwrap();
+        assert!(image.cached);
+        let m = Mounted::new(&image.path, image.fstype);
+        let root = m.path();
+        assert_eq!(
+            std::fs::read_to_string(root.join("etc/hello")).unwrap(),
+            "top"
+        );
+        let meta = std::fs::symlink_metadata(root.join("etc/hello")).unwrap();
+        assert_eq!(
+            (meta.uid(), meta.gid(), meta.mode() & 0o777),
+            (1234, 5678, 0o640)
+        );
+        assert!(!root.join("gone").exists(), "the whiteout deleted it");
+        assert_eq!(
+            names_in(&root.join("opaque")),
+            ["new"],
+            "opaque: nothing from below"
+        );
+        assert_eq!(
+            get_xattr(&root.join("opaque"), "trusted.overlay.opaque"),
+            None
+        );
+        assert_eq!(
+            std::fs::read_to_string(root.join("keep/x")).unwrap(),
+            "kept"
+        );
+        drop(m);
+        // Found again, not rebuilt; the same layers in another order are another image.
+        assert_eq!(cache.chain(&[top.clone(), bottom.clone()]).unwrap(), image);
+        assert_eq!(cache.builds(), 1);
+        let reversed = cache.chain(&[bottom.clone(), top.clone()]).unwrap();
+        assert_ne!(reversed.path, image.path);
+        // The same merge into ext4, where mkfs.erofs is missing.
+        let ext4 = LayerCache::with_tools(
+            tmp.path().join("ext4-cache"),
+            MkfsTools {
+                erofs: None,
+                ..MkfsTools::default()
+            },
+        );
+        let image4 = ext4.chain(&[top.clone(), bottom.clone()]).unwrap();
+        assert_eq!(image4.fstype, "ext4");
+        let m = Mounted::new(&image4.path, "ext4");
+        assert_eq!(
+            std::fs::read_to_string(m.path().join("etc/hello")).unwrap(),
+            "top"
+        );
+        assert!(!m.path().join("gone").exists());
+        assert_eq!(
+            std::fs::read_to_string(m.path().join("keep/x")).unwrap(),
+            "kept"
+        );
+        drop(m);
+        // Nothing but images and locks in the cache: no mount point, no temporary file.
+        assert!(
+            names_in(cache.dir())
+                .iter()
+                .all(|n| n.ends_with(".lock") || n.ends_with(image.fstype)),
+            "{:?}",
+            names_in(cache.dir())
+        );
+    }
+
+    #[test]
+    fn chains_of_hundreds_of_layers_merge_and_too_many_are_refused() {
+        crate::test_util::require_root("it mounts overlays");
+        let tmp = tempfile::tempdir().unwrap();
+        // As containerd's overlayfs snapshotter lays them out: snapshots/<n>/fs.
+        let layer = |n: usize| {
+            let dir = tmp.path().join(format!("snapshots/{n}/fs"));
+            std::fs::create_dir_all(dir.join("stack")).unwrap();
+            std::fs::write(dir.join(format!("stack/{n}")), n.to_string()).unwrap();
+            dir
+        };
+        let mut dirs: Vec<PathBuf> = (1..=200).rev().map(layer).collect();
+        let cache = LayerCache::new(tmp.path().join("cache"));
+        let image = cache.chain(&dirs).expect("200 layers");
+        let m = Mounted::new(&image.path, image.fstype);
+        assert_eq!(names_in(&m.path().join("stack")).len(), 200);
+        assert_eq!(
+            std::fs::read_to_string(m.path().join("stack/200")).unwrap(),
+            "200"
+        );
+        drop(m);
+        dirs.splice(0..0, (201..=OVERLAY_MAX_LAYERS + 1).rev().map(layer));
+        let e = cache.chain(&dirs).unwrap_err();
+        let text = e.to_string();
+        assert!(matches!(e, RootfsError::Merge { layers: 501, .. }), "{e:?}");
+        assert!(
+            text.contains("at most 500 layers") && text.contains("squash"),
+            "{text}"
+        );
+        assert!(
+            text.contains(&tmp.path().join("snapshots").display().to_string()),
+            "{text}"
+        );
     }
 
     #[test]
