@@ -59,6 +59,8 @@ pub struct ContainerSpec {
     pub add_capabilities: Vec<String>,
     /// `stdin: true` and `tty: true`, as `kubectl run -it` makes a container.
     pub interactive: bool,
+    /// The image; the node's test image ([`Node::image`]) if `None`.
+    pub image: Option<String>,
 }
 
 impl ContainerSpec {
@@ -71,7 +73,14 @@ impl ContainerSpec {
             seccomp: None,
             add_capabilities: Vec::new(),
             interactive: false,
+            image: None,
         }
+    }
+
+    /// Runs image `reference` (imported with [`Node::import_image`]).
+    pub fn image(mut self, reference: &str) -> Self {
+        self.image = Some(reference.into());
+        self
     }
 
     /// `sh -c script`.
@@ -236,6 +245,19 @@ impl Node {
         node.wait_cri_ready(&[pause, image]);
         node.before = HostState::take(&node.host_filter());
         node
+    }
+
+    /// Imports the OCI-layout tarball `tar` of image `reference` and waits until CRI
+    /// lists it.
+    pub fn import_image(&self, tar: &Path, reference: &str) {
+        let imported = self.ctd.import(tar);
+        assert_eq!(imported, reference, "the image's name after the import");
+        self.wait_cri_ready(&[reference]);
+    }
+
+    /// The node's own directory, for image tarballs and such; removed with the node.
+    pub fn scratch_dir(&self) -> &Path {
+        self.dir.path()
     }
 
     /// Waits until CRI reports its network ready and lists `images` (it learns of
@@ -415,7 +437,7 @@ impl Node {
                 name: spec.name.clone(),
                 attempt: spec.attempt,
             }),
-            image: Some(image_spec(&self.image)),
+            image: Some(image_spec(spec.image.as_deref().unwrap_or(&self.image))),
             command: spec.command.clone(),
             log_path: log_path.clone(),
             stdin: spec.interactive,

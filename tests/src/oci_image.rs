@@ -1,6 +1,7 @@
 //! A container image the shim tests build themselves, with no registry: an OCI
 //! image-layout tarball for `ctr images import`, holding two uncompressed layers (and a
-//! pause image for CRI's sandboxes: the same layers, `sleep` as its command).
+//! pause image for CRI's sandboxes: the same layers, `sleep` as its command; and
+//! images of many layers on top of the same two, [`layered_image_tar`]).
 //!
 //! - layer 1: Debian's busybox-static as `/bin/busybox`, a link in /bin for every applet
 //!   it lists, the usual mount points, a minimal /etc/passwd and /etc/group;
@@ -47,9 +48,65 @@ pub fn pause_image_tar(dir: &Path) -> (PathBuf, &'static str) {
     image_tar(dir, PAUSE_IMAGE_REF, &PAUSE_CMD)
 }
 
+/// The directory each layer of a [`layered_image_tar`] image above the first two adds
+/// a file to.
+pub const STACK_DIR: &str = "/stack";
+
+/// Writes the OCI-layout tarball of an image of `layers` layers (at least 3) into
+/// `dir`: the busybox image's two, then `layers - 2` that each add
+/// `/stack/<i>` (holding `i`) and `/stack/tmp-<i>`, and delete the layer below's
+/// `tmp-<i-1>` with a whiteout; the last also replaces [`HELLO_PATH`] with
+/// `hello from layer <layers>`. So a merged tree shows `layers - 2` numbered files, one
+/// `tmp-` file, and the top layer's hello.
+pub fn layered_image_tar(
+    dir: &Path,
+    reference: &'static str,
+    layers: usize,
+) -> (PathBuf, &'static str) {
+    assert!(
+        layers >= 3,
+        "a layered image has the busybox image's two layers and more"
+    );
+    let mut all = vec![busybox_layer(), app_layer()];
+    let stack = STACK_DIR.trim_start_matches('/');
+    for i in 1..=layers - 2 {
+        let mut t = TarWriter::new();
+        t.dir(stack);
+        t.file(&format!("{stack}/{i}"), i.to_string().as_bytes(), 0o644);
+        t.file(&format!("{stack}/tmp-{i}"), b"", 0o644);
+        if i > 1 {
+            // An OCI whiteout: deletes tmp-<i-1> from the layers below.
+            t.file(&format!("{stack}/.wh.tmp-{}", i - 1), b"", 0o644);
+        }
+        if i == layers - 2 {
+            let hello = HELLO_PATH.trim_start_matches('/');
+            t.file(
+                hello,
+                format!("hello from layer {layers}\n").as_bytes(),
+                0o644,
+            );
+        }
+        all.push(t.finish());
+    }
+    image_tar_of(dir, reference, &["sh"], all)
+}
+
 /// The OCI-layout tarball of an image named `reference` with the two layers and `cmd`.
 fn image_tar(dir: &Path, reference: &'static str, cmd: &[&str]) -> (PathBuf, &'static str) {
-    let layers = [busybox_layer(), app_layer()];
+    image_tar_of(dir, reference, cmd, vec![busybox_layer(), app_layer()])
+}
+
+/// The OCI-layout tarball of an image named `reference` with `layers` (bottom first,
+/// uncompressed tars) and `cmd`.
+fn image_tar_of(
+    dir: &Path,
+    reference: &'static str,
+    cmd: &[&str],
+    layers: Vec<Vec<u8>>,
+) -> (PathBuf, &'static str) {
+    let history: Vec<serde_json::Value> = (0..layers.len())
+        .map(|i| json!({ "created_by": format!("peapod-tests: layer {i}") }))
+        .collect();
     let mut blobs: Vec<(String, Vec<u8>)> = Vec::new();
     let mut layer_descs = Vec::new();
     let mut diff_ids = Vec::new();
@@ -73,10 +130,7 @@ fn image_tar(dir: &Path, reference: &'static str, cmd: &[&str]) -> (PathBuf, &'s
             "WorkingDir": "/",
         },
         "rootfs": { "type": "layers", "diff_ids": diff_ids },
-        "history": [
-            { "created_by": "peapod-tests: busybox-static and its applets" },
-            { "created_by": format!("peapod-tests: {HELLO_PATH}") },
-        ],
+        "history": history,
     }))
     .unwrap();
     let config_digest = sha256(&config);

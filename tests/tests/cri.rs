@@ -6,13 +6,17 @@
 //! Needs root, KVM, containerd, the CNI plugins, the shim, the VMM, the guest kernel and
 //! initramfs (`make test` provides them all).
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
+use std::os::unix::fs::MetadataExt;
 use std::sync::Mutex;
 
 use k8s_cri::v1::*;
-use peapod_tests::containerd::{ContainerdOptions, ContainerdRelease};
+use peapod_tests::containerd::{ContainerdOptions, ContainerdRelease, VMM_NAME};
 use peapod_tests::cri::{exec_stream, AttachedTerminal, PEAPOD_HANDLER};
 use peapod_tests::kubelet::{ContainerSpec, Node, CONTAINER_TIMEOUT};
+use peapod_tests::leftovers::pod_processes;
+use peapod_tests::oci_image::{layered_image_tar, HELLO_PATH, STACK_DIR};
 use peapod_tests::{guest_kernel_release, host_kernel_release, read_until_closed, require_kvm};
 
 /// The leftovers check looks at host-wide things (CRI's network namespaces): tests
@@ -42,6 +46,40 @@ const LOCALHOST_PROFILE: &str = r#"{
       "action": "SCMP_ACT_ERRNO", "errnoRet": 1 }
   ]
 }"#;
+
+/// The many-layered image the web pod runs, and its number of layers.
+const DEEP_IMAGE: &str = "docker.io/peapod/deep:test";
+const DEEP_LAYERS: usize = 40;
+
+/// The images of `node`'s layer cache that each VMM holds open, by the VMM's pid, as
+/// (device, inode): VMMs that hold the same file share its pages in the host's page
+/// cache.
+fn layer_images_held(node: &Node) -> BTreeMap<i32, BTreeSet<(u64, u64)>> {
+    let id = |m: std::fs::Metadata| (m.dev(), m.ino());
+    let cached: BTreeSet<(u64, u64)> = std::fs::read_dir(&node.ctd.layer_cache)
+        .expect("reading the layer cache")
+        .flatten()
+        .filter(|e| !e.file_name().to_string_lossy().ends_with(".lock"))
+        .filter_map(|e| e.metadata().ok().map(id))
+        .collect();
+    let mut held = BTreeMap::new();
+    for (pid, p) in pod_processes() {
+        if p.comm != VMM_NAME && p.exe != VMM_NAME {
+            continue;
+        }
+        let files: BTreeSet<(u64, u64)> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|fd| std::fs::metadata(fd.path()).ok().map(id))
+            .filter(|f| cached.contains(f))
+            .collect();
+        if !files.is_empty() {
+            held.insert(pid, files);
+        }
+    }
+    held
+}
 
 fn one_node_at_a_time() -> std::sync::MutexGuard<'static, ()> {
     ONE_NODE_AT_A_TIME
@@ -149,6 +187,27 @@ fn a_kubelet_runs_peapod_pods_beside_runc() {
     let from_host = read_until_closed(SocketAddr::from((web_ip, WEB_PORT)), CONTAINER_TIMEOUT);
     assert_eq!(from_host.trim(), WEB_REPLY, "host -> web pod");
 
+    // An image of 40 layers runs, as one merged disk: later layers' whiteouts and
+    // files apply, and the VM's disk slots do not grow with the layers.
+    let (tar, deep_image) = layered_image_tar(node.scratch_dir(), DEEP_IMAGE, DEEP_LAYERS);
+    node.import_image(&tar, deep_image);
+    let deep = node.run_container(
+        &web,
+        &ContainerSpec::new("deep", &["sleep", "3600"]).image(deep_image),
+    );
+    assert_eq!(
+        node.exec_ok(
+            &deep,
+            &format!("ls {STACK_DIR} | grep -vc tmp; ls {STACK_DIR} | grep tmp; cat {HELLO_PATH}")
+        ),
+        format!(
+            "{}\ntmp-{}\nhello from layer {DEEP_LAYERS}",
+            DEEP_LAYERS - 2,
+            DEEP_LAYERS - 2
+        ),
+        "the 40 layers, merged"
+    );
+
     // A second peapod pod reaches the first at its pod IP.
     let client = node.run_pod("client", PEAPOD_HANDLER);
     let client_ip = node.pod_ip(&client);
@@ -174,6 +233,15 @@ fn a_kubelet_runs_peapod_pods_beside_runc() {
         WEB_REPLY,
         "client pod -> web pod over TCP"
     );
+    // Both pods run the busybox image from the same file of the layer cache (one copy
+    // in the host's page cache), and the web pod's 40-layer image is one more file.
+    let held = layer_images_held(&node);
+    let mut counts: Vec<usize> = held.values().map(BTreeSet::len).collect();
+    counts.sort();
+    assert_eq!(counts, [1, 2], "layer images open per VMM: {held:?}");
+    let mut sets = held.values();
+    let (a, b) = (sets.next().unwrap(), sets.next().unwrap());
+    assert_eq!(a.intersection(b).count(), 1, "one image shared: {held:?}");
 
     // `kubectl attach -it` to the client's shell: what is typed reaches it, its
     // output comes back, a resize reaches its terminal, and detaching leaves it
