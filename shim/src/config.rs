@@ -52,7 +52,7 @@ pub struct Config {
     pub memory_overhead_mib: u64,
     /// Most vCPUs a pod gets, whatever its limit.
     pub max_vcpus: u32,
-    /// Empty disk slots the VM boots with: one per distinct layer and one upper per
+    /// Empty disk slots the VM boots with: one per distinct image and one upper per
     /// container. virtio-mmio has no hotplug, so this bounds a pod's containers.
     pub block_slots: u32,
     /// Size of each container's writable layer (a sparse file: only what is written
