@@ -44,6 +44,10 @@ pub struct Config {
     pub state_dir: PathBuf,
     /// Read-only layer images, shared by every pod on the node.
     pub layer_cache: PathBuf,
+    /// The layer cache's size bound: past it, images no pod uses are removed, least
+    /// recently used first (images in use are kept whatever their size). 0: no bound
+    /// (images whose layers containerd removed still go).
+    pub layer_cache_max_mib: u64,
     /// vCPUs of a pod whose annotations set no CPU limit.
     pub default_vcpus: u32,
     /// Guest memory of a pod whose annotations set no memory limit.
@@ -90,6 +94,7 @@ impl Default for Config {
             vmm: "peapod-vmm".into(),
             state_dir: "/run/peapod/pods".into(),
             layer_cache: "/var/lib/peapod/layers".into(),
+            layer_cache_max_mib: 20 * 1024,
             default_vcpus: 1,
             default_memory_mib: 256,
             memory_overhead_mib: 64,
@@ -109,6 +114,11 @@ impl Default for Config {
 }
 
 impl Config {
+    /// [`Config::layer_cache_max_mib`] in bytes; `None` for no bound.
+    pub fn layer_cache_bound(&self) -> Option<u64> {
+        (self.layer_cache_max_mib > 0).then_some(self.layer_cache_max_mib << 20)
+    }
+
     /// [`Config::boot_timeout_secs`] as a duration.
     pub fn boot_timeout(&self) -> std::time::Duration {
         std::time::Duration::from_secs(self.boot_timeout_secs)

@@ -32,7 +32,7 @@ use tokio::sync::{mpsc, Mutex};
 use crate::agent::{ctx, ctx_forever};
 use crate::config::Config;
 use crate::error::{self, Result, ShimError};
-use crate::rootfs::{self, LayerCache, RootfsMount};
+use crate::rootfs::{self, ImageLease, LayerCache, RootfsMount};
 use crate::sandbox_vm::{SandboxVm, VmEvent};
 use crate::spec::{OciSpec, BUNDLE_SPEC};
 use crate::state::{self, TaskRecord};
@@ -236,8 +236,8 @@ impl Pod {
                 &req, &vm, &mut spec, is_sandbox, &work_dir, &stdio, &mut disks,
             )
             .await;
-        let io = match made {
-            Ok(io) => io,
+        let (io, leases) = match made {
+            Ok(made) => made,
             Err(e) => {
                 for d in &disks {
                     vm.release_disk(d).await;
@@ -262,6 +262,7 @@ impl Pod {
                 sandbox: is_sandbox,
                 work_dir,
                 disks,
+                leases,
             },
             main,
             execs: HashMap::new(),
@@ -302,7 +303,7 @@ impl Pod {
         work_dir: &Path,
         stdio: &StdioPaths,
         disks: &mut Vec<PathBuf>,
-    ) -> Result<ProcessIo> {
+    ) -> Result<(ProcessIo, Vec<ImageLease>)> {
         let id = &req.id;
         let record = TaskRecord {
             pod_dir: vm.pod_dir.clone(),
@@ -329,9 +330,18 @@ impl Pod {
         let cache = self.cache.clone();
         let wd = work_dir.to_path_buf();
         let upper_bytes = self.config.upper_size_mib << 20;
+        let bound = self.config.layer_cache_bound();
         let prepared = tokio::task::spawn_blocking(move || {
             std::fs::create_dir_all(&wd).map_err(|e| e.to_string())?;
-            rootfs::prepare(&cache, &mounts, &wd, upper_bytes).map_err(|e| e.to_string())
+            let prepared =
+                rootfs::prepare(&cache, &mounts, &wd, upper_bytes).map_err(|e| e.to_string())?;
+            // With this container's images leased, the cache drops what no pod uses
+            // and containerd no longer has, and keeps within its bound.
+            let collected = cache.collect(bound);
+            for image in &collected.removed {
+                log::info!("layer cache: removed {}", image.display());
+            }
+            Ok(prepared)
         })
         .await
         .map_err(|e| e.to_string())
@@ -386,7 +396,7 @@ impl Pod {
             .map_err(error::agent(format!("task {id}: CreateContainer")))?;
         // The output waits in the guest until attached; attach before Start.
         match ProcessIo::attach(&vm.paths.vsock_socket, id, "", stdio).await {
-            Ok(io) => Ok(io),
+            Ok(io) => Ok((io, prepared.leases)),
             Err(source) => {
                 let rreq = agent_proto::RemoveContainerRequest {
                     container_id: id.clone(),

@@ -59,12 +59,14 @@ pub struct LayerImage {
 }
 
 /// What the guest needs for a container's rootfs.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug)]
 pub struct PreparedRootfs {
     /// Read-only layers, topmost first, as the guest agent's `Rootfs.layers` wants.
     pub layers: Vec<LayerImage>,
     /// A fresh, empty, sparse ext4 image for the container's writes.
     pub upper: PathBuf,
+    /// Leases on the cached layers: hold them while the container uses them.
+    pub leases: Vec<ImageLease>,
 }
 
 /// The `overlay` mount's options that matter, in order.
@@ -180,6 +182,37 @@ pub struct LayerCache {
     builds: AtomicU64,
 }
 
+/// A shared lock on a cached image's lock file: while one is held (by any process),
+/// [`LayerCache::collect`] leaves the image alone. Released on drop.
+#[derive(Debug)]
+pub struct ImageLease {
+    _lock: File,
+}
+
+/// What a [`LayerCache::collect`] did.
+#[derive(Debug, Default)]
+pub struct Collection {
+    /// The images it removed.
+    pub removed: Vec<PathBuf>,
+    /// The bytes of the images left.
+    pub kept_bytes: u64,
+}
+
+/// The extension of the file beside each image that lists its layer directories, so
+/// that a collection can tell whether containerd still has them.
+const LAYERS_EXT: &str = "layers";
+
+/// Writes the list of an image's layer directories (JSON: an array of paths).
+fn write_layer_list(path: &Path, dirs: &[PathBuf]) -> Result<(), RootfsError> {
+    let text = serde_json::to_vec(dirs).expect("paths serialise");
+    std::fs::write(path, text).map_err(|e| io_error("writing the layer list", path, e))
+}
+
+/// The layer directories listed at `path`; `None` if there is no readable list.
+fn read_layer_list(path: &Path) -> Option<Vec<PathBuf>> {
+    serde_json::from_slice(&std::fs::read(path).ok()?).ok()
+}
+
 /// Bumped when the images' format or the key's makeup change, so that old images are
 /// not taken for new ones. v2: an image holds a whole chain of layers, merged.
 const KEY_VERSION: &str = "peapod-layer-v2";
@@ -213,6 +246,14 @@ impl LayerCache {
     /// whiteouts and opaque directories are applied, so the image has neither.
     /// Blocking.
     pub fn chain(&self, lowerdirs: &[PathBuf]) -> Result<LayerImage, RootfsError> {
+        self.lease(lowerdirs).map(|(image, _)| image)
+    }
+
+    /// [`LayerCache::chain`], with a lease that keeps [`LayerCache::collect`] from
+    /// removing the image while it is held (a pod holds it while the image is
+    /// attached). Marks the image used now, for the collection's least-recently-used
+    /// order.
+    pub fn lease(&self, lowerdirs: &[PathBuf]) -> Result<(LayerImage, ImageLease), RootfsError> {
         let key = chain_key(lowerdirs)?;
         std::fs::create_dir_all(&self.dir)
             .map_err(|e| io_error("creating the layer cache", &self.dir, e))?;
@@ -226,23 +267,34 @@ impl LayerCache {
                 })
             })
         };
-        if let Some(image) = found(&key) {
-            return Ok(image);
+        // A collection removes an image under the exclusive lock: a shared lock taken
+        // while the image is there keeps it there.
+        loop {
+            let shared = self.lock(&key, libc::LOCK_SH)?;
+            if let Some(image) = found(&key) {
+                self.mark_used(&key);
+                return Ok((image, ImageLease { _lock: shared }));
+            }
+            drop(shared);
+            let lock = self.lock(&key, libc::LOCK_EX)?;
+            // Another process may have built it while this one waited.
+            if found(&key).is_none() {
+                self.build_key(&key, lowerdirs)?;
+            }
+            // Downgrading is not atomic: a collection may slip in; then go again.
+            flock(&lock, libc::LOCK_SH).map_err(|e| io_error("locking", &self.dir, e))?;
+            if self.still_linked(&lock, &key) {
+                if let Some(image) = found(&key) {
+                    self.mark_used(&key);
+                    return Ok((image, ImageLease { _lock: lock }));
+                }
+            }
         }
-        let lock_path = self.dir.join(format!("{key}.lock"));
-        // Lock files stay: deleting one while another process waits on it would let
-        // a third lock a new file of the same name and build alongside.
-        let lock = File::options()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&lock_path)
-            .map_err(|e| io_error("opening the layer cache's lock", &lock_path, e))?;
-        flock_exclusive(&lock).map_err(|e| io_error("locking", &lock_path, e))?;
-        // Another process may have built it while this one waited.
-        if let Some(image) = found(&key) {
-            return Ok(image);
-        }
+    }
+
+    /// Builds `key`'s image of `lowerdirs`, with its list of layers beside it; the
+    /// caller holds the key's exclusive lock.
+    fn build_key(&self, key: &str, lowerdirs: &[PathBuf]) -> Result<(), RootfsError> {
         // Under the lock no one else builds this key: a temporary file of it is a
         // crashed builder's.
         remove_leftovers(&self.dir, &format!("{key}.tmp-"));
@@ -252,33 +304,149 @@ impl LayerCache {
             std::process::id(),
             unique()
         ));
-        let built = match lowerdirs {
-            [one] => self.build(one, &tmp, fstype),
-            several => self.build_merged(several, &tmp, fstype),
-        }
-        .and_then(|()| sync_file(&tmp))
-        .and_then(|()| {
-            let path = self.dir.join(format!("{key}.{fstype}"));
-            std::fs::rename(&tmp, &path)
-                .map_err(|e| io_error("renaming the new image into", &path, e))?;
-            sync_dir(&self.dir);
-            Ok(path)
-        });
+        // The list first: an image is never there without it.
+        let list = self.dir.join(format!("{key}.{LAYERS_EXT}"));
+        let built = write_layer_list(&list, lowerdirs)
+            .and_then(|()| match lowerdirs {
+                [one] => self.build(one, &tmp, fstype),
+                several => self.build_merged(several, &tmp, fstype),
+            })
+            .and_then(|()| sync_file(&tmp))
+            .and_then(|()| {
+                let path = self.dir.join(format!("{key}.{fstype}"));
+                std::fs::rename(&tmp, &path)
+                    .map_err(|e| io_error("renaming the new image into", &path, e))?;
+                sync_dir(&self.dir);
+                Ok(())
+            });
         match built {
-            Ok(path) => {
+            Ok(()) => {
                 self.builds.fetch_add(1, Ordering::Relaxed);
-                Ok(LayerImage {
-                    path,
-                    fstype,
-                    cached: true,
-                })
+                Ok(())
             }
             Err(e) => {
                 let _ = std::fs::remove_file(&tmp);
+                let _ = std::fs::remove_file(&list);
                 Err(e)
             }
         }
-        // The lock is released when `lock` closes.
+    }
+
+    /// The key's lock file, open and locked (`LOCK_SH` or `LOCK_EX`, waiting). A
+    /// collection deletes the lock file of an image it removes; a lock taken on a file
+    /// deleted meanwhile protects nothing, so it is taken again on the new one.
+    fn lock(&self, key: &str, how: libc::c_int) -> Result<File, RootfsError> {
+        let path = self.dir.join(format!("{key}.lock"));
+        loop {
+            let lock = File::options()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(&path)
+                .map_err(|e| io_error("opening the layer cache's lock", &path, e))?;
+            flock(&lock, how).map_err(|e| io_error("locking", &path, e))?;
+            if self.still_linked(&lock, key) {
+                return Ok(lock);
+            }
+        }
+    }
+
+    /// Whether `lock` is still the key's lock file (not deleted by a collection).
+    fn still_linked(&self, lock: &File, key: &str) -> bool {
+        let path = self.dir.join(format!("{key}.lock"));
+        match (lock.metadata(), std::fs::metadata(path)) {
+            (Ok(held), Ok(named)) => held.ino() == named.ino() && held.dev() == named.dev(),
+            _ => false,
+        }
+    }
+
+    /// Marks the key's image used now (its layer list's mtime); best effort.
+    fn mark_used(&self, key: &str) {
+        let list = self.dir.join(format!("{key}.{LAYERS_EXT}"));
+        if let Ok(f) = File::options().write(true).open(list) {
+            let _ = f.set_modified(std::time::SystemTime::now());
+        }
+    }
+
+    /// Removes the images no pod holds a lease on whose layers containerd no longer
+    /// has (a layer directory gone or changed, or no layer list), then, while the
+    /// cache holds more than `bound` bytes, the least recently used of the rest that
+    /// no pod holds. Images in use are never removed. Blocking; errors on single files
+    /// are skipped (the next collection tries again).
+    pub fn collect(&self, bound: Option<u64>) -> Collection {
+        let mut report = Collection::default();
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return report;
+        };
+        // (last used, bytes, key, image path, its exclusive lock)
+        let mut idle: Vec<(std::time::SystemTime, u64, String, PathBuf, File)> = Vec::new();
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Some(key) = name
+                .strip_suffix(".erofs")
+                .or_else(|| name.strip_suffix(".ext4"))
+                .filter(|k| !k.contains(".tmp-"))
+            else {
+                continue;
+            };
+            let bytes = entry.metadata().map_or(0, |m| m.len());
+            report.kept_bytes += bytes;
+            let path = entry.path();
+            // In use (a lease) or being built: leave it.
+            let Ok(lock) = self.try_lock_exclusive(key) else {
+                continue;
+            };
+            let list = self.dir.join(format!("{key}.{LAYERS_EXT}"));
+            let current = read_layer_list(&list)
+                .and_then(|dirs| chain_key(&dirs).ok())
+                .is_some_and(|k| k == key);
+            if !current {
+                self.remove_image(key, &path, &mut report, bytes);
+                continue;
+            }
+            let used = std::fs::metadata(&list)
+                .and_then(|m| m.modified())
+                .unwrap_or(std::time::UNIX_EPOCH);
+            idle.push((used, bytes, key.to_string(), path, lock));
+        }
+        if let Some(bound) = bound {
+            idle.sort_by_key(|i| i.0);
+            for (_, bytes, key, path, _lock) in idle {
+                if report.kept_bytes <= bound {
+                    break;
+                }
+                self.remove_image(&key, &path, &mut report, bytes);
+            }
+        }
+        report
+    }
+
+    /// Removes an image, its layer list and its lock file; the caller holds the lock.
+    fn remove_image(&self, key: &str, image: &Path, report: &mut Collection, bytes: u64) {
+        if std::fs::remove_file(image).is_err() {
+            return;
+        }
+        report.kept_bytes -= bytes;
+        report.removed.push(image.to_path_buf());
+        let _ = std::fs::remove_file(self.dir.join(format!("{key}.{LAYERS_EXT}")));
+        let _ = std::fs::remove_file(self.dir.join(format!("{key}.lock")));
+    }
+
+    /// The key's exclusive lock if no one holds its lock file (no lease, no builder).
+    fn try_lock_exclusive(&self, key: &str) -> Result<File, ()> {
+        let path = self.dir.join(format!("{key}.lock"));
+        let lock = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|_| ())?;
+        flock(&lock, libc::LOCK_EX | libc::LOCK_NB).map_err(|_| ())?;
+        if self.still_linked(&lock, key) {
+            Ok(lock)
+        } else {
+            Err(())
+        }
     }
 
     /// "erofs" if its program runs, else "ext4".
@@ -427,10 +595,11 @@ fn unique() -> u64 {
     NEXT.fetch_add(1, Ordering::Relaxed)
 }
 
-fn flock_exclusive(f: &File) -> io::Result<()> {
+/// flock(2) `how` on `f`, again after a signal.
+fn flock(f: &File, how: libc::c_int) -> io::Result<()> {
     loop {
-        // SAFETY: flock(2) on a descriptor we own; it blocks, touching no memory.
-        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } == 0 {
+        // SAFETY: flock(2) on a descriptor we own; it may block, touching no memory.
+        if unsafe { libc::flock(f.as_raw_fd(), how) } == 0 {
             return Ok(());
         }
         let e = io::Error::last_os_error();
@@ -887,6 +1056,7 @@ pub fn prepare(
         undo.dir = Some(work_dir.to_path_buf());
     }
     let mut layers = Vec::new();
+    let mut leases = Vec::new();
     match overlay {
         Some(options) => {
             if let Some(upper) = options.upperdir.as_deref().filter(|u| !is_empty_dir(u)) {
@@ -894,7 +1064,9 @@ pub fn prepare(
                 undo.files.push(stem.with_extension(cache.fstype()));
                 layers.push(cache.image_of(upper, &stem)?);
             }
-            layers.push(cache.chain(&options.lowerdirs)?);
+            let (image, lease) = cache.lease(&options.lowerdirs)?;
+            layers.push(image);
+            leases.push(lease);
         }
         None => {
             let stem = work_dir.join("rootfs");
@@ -908,7 +1080,11 @@ pub fn prepare(
     // Success: keep everything.
     undo.files.clear();
     undo.dir = None;
-    Ok(PreparedRootfs { layers, upper })
+    Ok(PreparedRootfs {
+        layers,
+        upper,
+        leases,
+    })
 }
 
 /// Whether `dir` is an empty directory; a missing one counts as empty.
@@ -1290,8 +1466,8 @@ mod tests {
         let names = names_in(&cache_dir);
         assert_eq!(
             names.len(),
-            2,
-            "the image and its lock, no temporary file: {names:?}"
+            3,
+            "the image, its layer list and its lock, no temporary file: {names:?}"
         );
         let m = Mounted::new(&results[0].0.path, results[0].0.fstype);
         assert_eq!(
@@ -1484,14 +1660,79 @@ mod tests {
             "kept"
         );
         drop(m);
-        // Nothing but images and locks in the cache: no mount point, no temporary file.
+        // Nothing but images, their lists and locks in the cache: no mount point, no
+        // temporary file.
         assert!(
-            names_in(cache.dir())
-                .iter()
-                .all(|n| n.ends_with(".lock") || n.ends_with(image.fstype)),
+            names_in(cache.dir()).iter().all(|n| n.ends_with(".lock")
+                || n.ends_with(".layers")
+                || n.ends_with(image.fstype)),
             "{:?}",
             names_in(cache.dir())
         );
+    }
+
+    #[test]
+    fn a_collection_keeps_leased_images_and_drops_stale_then_least_recently_used() {
+        crate::test_util::require_root("it makes device nodes and trusted.* xattrs");
+        let tmp = tempfile::tempdir().unwrap();
+        let cache = LayerCache::new(tmp.path().join("cache"));
+        let trees: Vec<PathBuf> = ["a", "b", "c", "d"]
+            .iter()
+            .map(|n| layer_tree(tmp.path(), n, n))
+            .collect();
+        let mut images = Vec::new();
+        let mut leases = Vec::new();
+        for t in &trees {
+            let (image, lease) = cache.lease(std::slice::from_ref(t)).unwrap();
+            images.push(image);
+            leases.push(Some(lease));
+            // Distinct last-used times, a then b then c then d.
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let size = std::fs::metadata(&images[0].path).unwrap().len();
+        let exists = |i: usize| images[i].path.exists();
+
+        // Everything leased: nothing goes, even with layers gone and a bound of 0.
+        std::fs::remove_dir_all(&trees[3]).unwrap();
+        let c = cache.collect(Some(0));
+        assert!(c.removed.is_empty(), "{c:?}");
+        assert_eq!(c.kept_bytes, 4 * size);
+
+        // Unleased with its layer gone (containerd removed the image): goes, bound or
+        // not, with its list and lock.
+        leases[3] = None;
+        let c = cache.collect(None);
+        assert_eq!(c.removed, [images[3].path.clone()]);
+        assert!(!exists(3));
+        let key = images[3]
+            .path
+            .file_stem()
+            .unwrap()
+            .to_string_lossy()
+            .into_owned();
+        assert!(!names_in(cache.dir()).iter().any(|n| n.starts_with(&key)));
+
+        // Over the bound: unleased images go, least recently used first; leased ones
+        // stay even when older.
+        leases[1] = None;
+        leases[2] = None;
+        let c = cache.collect(Some(2 * size));
+        assert_eq!(c.removed, [images[1].path.clone()], "b, the older idle one");
+        assert!(exists(0) && exists(2));
+        assert_eq!(c.kept_bytes, 2 * size);
+        // Used again: c is now the newest; a (leased) still stays.
+        let (_, lease_c) = cache.lease(std::slice::from_ref(&trees[2])).unwrap();
+        assert!(cache.collect(Some(0)).removed.is_empty());
+        drop(lease_c);
+        assert_eq!(cache.collect(Some(size)).removed, [images[2].path.clone()]);
+        assert!(exists(0));
+        // An image from before the layer lists (no list): stale once unleased.
+        leases[0] = None;
+        std::fs::remove_file(images[0].path.with_extension(LAYERS_EXT)).unwrap();
+        assert_eq!(cache.collect(None).removed, [images[0].path.clone()]);
+        // Rebuilt on the next use.
+        let again = cache.layer(&trees[0]).unwrap();
+        assert!(again.path.exists());
     }
 
     #[test]

@@ -11,6 +11,7 @@ use containerd_shim_protos::types::task::Status;
 use tokio::sync::{watch, Mutex};
 
 use crate::error::{exec_label, Result, ShimError};
+use crate::rootfs::ImageLease;
 use crate::stdio::{ProcessIo, StdioPaths};
 
 /// The exit status of a process whose VM died under it.
@@ -122,6 +123,9 @@ pub struct ContainerMeta {
     pub work_dir: PathBuf,
     /// The images in the VM's slots this container holds (released on delete).
     pub disks: Vec<PathBuf>,
+    /// Its leases on cached layer images, which keep the cache's collection from
+    /// removing them; dropped with the container, after its disks are released.
+    pub leases: Vec<ImageLease>,
 }
 
 pub struct Container {
@@ -275,6 +279,7 @@ mod tests {
                 sandbox,
                 work_dir: PathBuf::new(),
                 disks: Vec::new(),
+                leases: Vec::new(),
             },
             main: Process::new(StdioPaths::default(), None),
             execs: HashMap::new(),
