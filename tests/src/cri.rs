@@ -228,6 +228,7 @@ impl CriClient {
         runtime.remove_container(RemoveContainerRequest) -> RemoveContainerResponse;
         images.list_images(ListImagesRequest) -> ListImagesResponse;
         images.image_status(ImageStatusRequest) -> ImageStatusResponse;
+        images.remove_image(RemoveImageRequest) -> RemoveImageResponse;
     }
 }
 

@@ -56,12 +56,7 @@ const DEEP_LAYERS: usize = 40;
 /// cache.
 fn layer_images_held(node: &Node) -> BTreeMap<i32, BTreeSet<(u64, u64)>> {
     let id = |m: std::fs::Metadata| (m.dev(), m.ino());
-    let cached: BTreeSet<(u64, u64)> = std::fs::read_dir(&node.ctd.layer_cache)
-        .expect("reading the layer cache")
-        .flatten()
-        .filter(|e| !e.file_name().to_string_lossy().ends_with(".lock"))
-        .filter_map(|e| e.metadata().ok().map(id))
-        .collect();
+    let cached = cached_images(node);
     let mut held = BTreeMap::new();
     for (pid, p) in pod_processes() {
         if p.comm != VMM_NAME && p.exe != VMM_NAME {
@@ -79,6 +74,19 @@ fn layer_images_held(node: &Node) -> BTreeMap<i32, BTreeSet<(u64, u64)>> {
         }
     }
     held
+}
+
+/// The images in `node`'s layer cache, as (device, inode).
+fn cached_images(node: &Node) -> BTreeSet<(u64, u64)> {
+    std::fs::read_dir(&node.ctd.layer_cache)
+        .expect("reading the layer cache")
+        .flatten()
+        .filter(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            name.ends_with(".erofs") || name.ends_with(".ext4")
+        })
+        .filter_map(|e| e.metadata().ok().map(|m| (m.dev(), m.ino())))
+        .collect()
 }
 
 fn one_node_at_a_time() -> std::sync::MutexGuard<'static, ()> {
@@ -241,7 +249,32 @@ fn a_kubelet_runs_peapod_pods_beside_runc() {
     assert_eq!(counts, [1, 2], "layer images open per VMM: {held:?}");
     let mut sets = held.values();
     let (a, b) = (sets.next().unwrap(), sets.next().unwrap());
-    assert_eq!(a.intersection(b).count(), 1, "one image shared: {held:?}");
+    let shared: Vec<(u64, u64)> = a.intersection(b).copied().collect();
+    assert_eq!(shared.len(), 1, "one image shared: {held:?}");
+    let deep_file = *a.symmetric_difference(b).next().unwrap();
+
+    // The deep container and its image go (`kubectl delete`, then the kubelet's image
+    // collection): the next container creation collects the layer cache, which drops
+    // the deep image's file and keeps busybox's, which pods use.
+    node.cri
+        .stop_container(StopContainerRequest {
+            container_id: deep.id.clone(),
+            timeout: 0,
+        })
+        .expect("StopContainer of the deep one");
+    node.cri
+        .remove_container(RemoveContainerRequest {
+            container_id: deep.id.clone(),
+        })
+        .expect("RemoveContainer of the deep one");
+    node.cri
+        .remove_image(RemoveImageRequest {
+            image: Some(ImageSpec {
+                image: deep_image.into(),
+                ..Default::default()
+            }),
+        })
+        .expect("RemoveImage of the deep image");
 
     // `kubectl attach -it` to the client's shell: what is typed reaches it, its
     // output comes back, a resize reaches its terminal, and detaching leaves it
@@ -353,6 +386,11 @@ fn a_kubelet_runs_peapod_pods_beside_runc() {
     let job0 = node.run_container(
         &client,
         &ContainerSpec::shell("job", &format!("echo run-0; exit {JOB_STATUS}")),
+    );
+    let cached = cached_images(&node);
+    assert!(
+        !cached.contains(&deep_file) && cached.contains(&shared[0]),
+        "the collection removed the deep image and kept busybox's: {cached:?}"
     );
     let exited = node.wait_container_state(&job0, ContainerState::ContainerExited);
     assert_eq!(exited.exit_code, JOB_STATUS, "{exited:?}");
