@@ -74,6 +74,12 @@ pub struct Config {
     /// Raise both on hosts whose KVM emulates guest kernel code, where a container's
     /// creation takes tens of seconds.
     pub agent_timeout_secs: u64,
+    /// How long a stop may wait for the guest: a signal the agent does not deliver
+    /// within two thirds of it, followed by a health probe it does not answer within
+    /// the rest (or at once, for the pod's own sandbox), ends the VM from the host,
+    /// and every task of the pod is reported exited. A hung guest kernel, a stuck
+    /// agent or a starved vCPU cannot leave a pod Terminating.
+    pub stop_timeout_secs: u64,
     /// The VMM's seccomp filters; `false` passes `--no-seccomp`, to debug a VMM that
     /// its filter kills (SIGSYS). Never in production.
     pub vmm_seccomp: bool,
@@ -106,6 +112,7 @@ impl Default for Config {
             kernel_cmdline: String::new(),
             boot_timeout_secs: 120,
             agent_timeout_secs: 60,
+            stop_timeout_secs: 10,
             vmm_seccomp: true,
             jail: true,
             jail_id_base: DEFAULT_JAIL_ID_BASE,
@@ -122,6 +129,11 @@ impl Config {
     /// [`Config::boot_timeout_secs`] as a duration.
     pub fn boot_timeout(&self) -> std::time::Duration {
         std::time::Duration::from_secs(self.boot_timeout_secs)
+    }
+
+    /// [`Config::stop_timeout_secs`] as a duration.
+    pub fn stop_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.stop_timeout_secs)
     }
 
     /// [`Config::agent_timeout_secs`] as a duration.
@@ -182,9 +194,14 @@ impl Config {
                 config.default_memory_mib
             )));
         }
-        if config.boot_timeout_secs == 0 || config.agent_timeout_secs == 0 {
+        if config.boot_timeout_secs == 0
+            || config.agent_timeout_secs == 0
+            || config.stop_timeout_secs < 2
+        {
             return Err(invalid(
-                "boot_timeout_secs and agent_timeout_secs must be at least 1".into(),
+                "boot_timeout_secs and agent_timeout_secs must be at least 1, \
+                 stop_timeout_secs at least 2"
+                    .into(),
             ));
         }
         if config.vmm.is_relative() {

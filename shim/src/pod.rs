@@ -529,6 +529,46 @@ impl Pod {
         Ok(vm_pid)
     }
 
+    /// Delivers a signal through the agent within the stop bound
+    /// ([`Config::stop_timeout_secs`]). A guest that does not answer (a hung kernel, a
+    /// stuck agent, a starved vCPU) must not leave the pod unstoppable: when the
+    /// signal is for the sandbox (the pod is stopping), or the guest then fails a
+    /// health probe too, the VM is ended from the host, and every task is reported
+    /// exited as the VMM's exit is.
+    pub async fn signal(&self, req: &agent_proto::SignalProcessRequest) -> Result<()> {
+        let id = &req.container_id;
+        let vm = self.vm(id).await?;
+        let sandbox = self.with_process(id, "", |c, _| c.sandbox).await?;
+        let bound = self.config.stop_timeout();
+        let answered = vm.agent.signal_process(ctx(bound * 2 / 3), req).await;
+        let cause = match answered {
+            Ok(_) => return Ok(()),
+            // The agent answered: the signal's own error.
+            Err(e @ ttrpc::Error::RpcStatus(_)) => {
+                return Err(error::agent(format!("task {id}: Kill"))(e))
+            }
+            Err(e) => e,
+        };
+        if !sandbox {
+            let probe = vm
+                .agent
+                .health(ctx(bound / 3), &agent_proto::HealthRequest::new())
+                .await;
+            if probe.is_ok() {
+                // Alive, only slow: the caller may try again.
+                return Err(error::agent(format!("task {id}: Kill"))(cause));
+            }
+        }
+        log::error!(
+            "task {id}: the guest did not answer a signal within {bound:?} ({cause}){};              ending the pod's VM {} from the host. {}",
+            if sandbox { "" } else { " nor a health probe" },
+            vm.pid,
+            vm.log_tail()
+        );
+        vm.kill().await;
+        Ok(())
+    }
+
     /// Runs `f` on a process (exec id "": the container's own) and its container.
     pub async fn with_process<T>(
         &self,

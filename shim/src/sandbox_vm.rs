@@ -306,6 +306,24 @@ impl SandboxVm {
         vmm::log_tail(&self.paths, LOG_TAIL)
     }
 
+    /// Kills the VMM and waits until it is reaped, leaving the pod's directory and
+    /// network for the tasks' removal (the supervisor reports the exit, and the pod
+    /// reports every task exited).
+    pub async fn kill(&self) {
+        let dir = self.pod_dir.clone();
+        let killed = tokio::task::spawn_blocking(move || state::kill_vmm(&dir)).await;
+        if let Err(e) = killed.map_err(std::io::Error::other).and_then(|r| r) {
+            log::error!("killing the pod's VMM {}: {e}", self.pid);
+        }
+        if !self.wait_gone(REAP).await {
+            log::error!(
+                "VMM {} has not been reaped {} s after SIGKILL",
+                self.pid,
+                REAP.as_secs()
+            );
+        }
+    }
+
     /// Ends the VM: the VMM is killed, then its network and the pod's directory go,
     /// and the VMM is waited for. Nothing in the guest outlives it (writable layers
     /// are thrown away, volumes are copies), so a guest shutdown would save nothing,

@@ -372,7 +372,6 @@ impl Task for Service {
                 .await?;
             return Ok(api::Empty::new());
         }
-        let vm = self.0.vm(&req.id).await?;
         let areq = agent_proto::SignalProcessRequest {
             container_id: req.id.clone(),
             exec_id: req.exec_id.clone(),
@@ -380,10 +379,7 @@ impl Task for Service {
             all: req.all,
             ..Default::default()
         };
-        vm.agent
-            .signal_process(self.0.agent_ctx(), &areq)
-            .await
-            .map_err(error::agent(format!("task {}: Kill", req.id)))?;
+        self.0.signal(&areq).await?;
         Ok(api::Empty::new())
     }
 

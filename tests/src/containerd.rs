@@ -38,6 +38,9 @@ pub const VMM_NAME: &str = "peapod-vmm";
 pub const CTR_TIMEOUT: Duration = Duration::from_secs(240);
 /// The shim's boot and agent-call deadlines in the tests' config.
 const GUEST_DEADLINE_SECS: u32 = 300;
+/// The shim's stop bound in the tests' config: a signal answered slowly by a guest
+/// this kind of host slows down is not taken for a wedged guest.
+pub const STOP_DEADLINE_SECS: u32 = 30;
 /// How long containerd may take to answer on its socket after a start.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(30);
 /// The CRI plugin, disabled unless [`ContainerdOptions::cri`] configures it.
@@ -64,6 +67,8 @@ pub struct PeapodConfig {
     pub block_slots: Option<u32>,
     pub boot_timeout_secs: Option<u32>,
     pub agent_timeout_secs: Option<u32>,
+    /// How long a stop waits for a guest that does not answer before the VM is ended.
+    pub stop_timeout_secs: Option<u32>,
     pub log_level: Option<String>,
     /// More `key = value` lines, written as given (TOML), for keys added later.
     pub extra: Vec<String>,
@@ -86,6 +91,7 @@ impl PeapodConfig {
             block_slots: Some(8),
             boot_timeout_secs: Some(GUEST_DEADLINE_SECS),
             agent_timeout_secs: Some(GUEST_DEADLINE_SECS),
+            stop_timeout_secs: Some(STOP_DEADLINE_SECS),
             log_level: Some("debug".into()),
             extra: Vec::new(),
         }
@@ -112,6 +118,7 @@ impl PeapodConfig {
             ("block_slots", self.block_slots),
             ("boot_timeout_secs", self.boot_timeout_secs),
             ("agent_timeout_secs", self.agent_timeout_secs),
+            ("stop_timeout_secs", self.stop_timeout_secs),
         ];
         for (key, value) in numbers {
             if let Some(n) = value {

@@ -393,6 +393,25 @@ impl Node {
         pod
     }
 
+    /// The pid containerd has for `pod`'s sandbox task (PodSandboxStatus's verbose
+    /// info): for a peapod pod, its VMM's.
+    pub fn sandbox_pid(&self, pod: &Pod) -> i32 {
+        let r = self
+            .cri
+            .pod_sandbox_status(PodSandboxStatusRequest {
+                pod_sandbox_id: pod.id.clone(),
+                verbose: true,
+            })
+            .unwrap_or_else(|e| panic!("pod {}: {e}", pod.name));
+        let info = r.info.get("info").map(String::as_str).unwrap_or("{}");
+        let v: serde_json::Value = serde_json::from_str(info)
+            .unwrap_or_else(|e| panic!("pod {}: verbose info is not JSON ({e}): {info}", pod.name));
+        v["pid"]
+            .as_i64()
+            .unwrap_or_else(|| panic!("pod {}: no pid in its verbose info: {info}", pod.name))
+            as i32
+    }
+
     /// PodSandboxStatus of `pod`.
     pub fn pod_status(&self, pod: &Pod) -> PodSandboxStatus {
         self.cri

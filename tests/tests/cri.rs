@@ -10,9 +10,12 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::os::unix::fs::MetadataExt;
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use k8s_cri::v1::*;
-use peapod_tests::containerd::{ContainerdOptions, ContainerdRelease, VMM_NAME};
+use peapod_tests::containerd::{
+    ContainerdOptions, ContainerdRelease, STOP_DEADLINE_SECS, VMM_NAME,
+};
 use peapod_tests::cri::{exec_stream, AttachedTerminal, PEAPOD_HANDLER};
 use peapod_tests::kubelet::{ContainerSpec, Node, CONTAINER_TIMEOUT};
 use peapod_tests::leftovers::pod_processes;
@@ -496,7 +499,30 @@ fn a_kubelet_runs_peapod_pods_beside_runc() {
         })
         .expect("RemoveContainer");
 
-    for pod in [&web, &client, &runc_pod] {
+    // A wedged guest still stops: with the client pod's VMM frozen, its agent answers
+    // nothing, and StopPodSandbox and RemovePodSandbox still end within the stop bound
+    // (the shim ends the VM from the host), leaving nothing.
+    let vmm = node.sandbox_pid(&client);
+    assert_eq!(
+        std::fs::read_to_string(format!("/proc/{vmm}/comm"))
+            .unwrap()
+            .trim(),
+        VMM_NAME
+    );
+    // SAFETY: kill(2) of the client pod's VMM, a process of this test's node.
+    assert_eq!(unsafe { libc::kill(vmm, libc::SIGSTOP) }, 0);
+    let frozen = Instant::now();
+    node.remove_pod(&client);
+    let took = frozen.elapsed();
+    let bound = Duration::from_secs(STOP_DEADLINE_SECS.into());
+    // The bound, plus what CRI itself does (CNI, its records) on a loaded host.
+    assert!(
+        took < bound + Duration::from_secs(30),
+        "a frozen pod took {took:?} to stop and remove (bound {bound:?})"
+    );
+    eprintln!("a frozen pod stopped and was removed in {took:?} (bound {bound:?})");
+
+    for pod in [&web, &runc_pod] {
         node.remove_pod(pod);
     }
     node.finish();
