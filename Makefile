@@ -59,6 +59,7 @@ bench: build
 	PEAPOD_INITRD="$$(rootfs/build-test.sh --with-strace target/peapod/bench-initramfs.cpio)" \
 	PEAPOD_VMM="$(CURDIR)/$(VMM)" $(CARGO) bench -p peapod-tests --bench agent
 	$(ARTEFACTS) $(CARGO) bench -p peapod-tests --bench cri
+	$(ARTEFACTS) $(CARGO) bench -p peapod-tests --bench layers
 
 deps:
 	.ci/install-deps.sh

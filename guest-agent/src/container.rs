@@ -51,6 +51,8 @@ pub enum ContainerError {
     NoExec { id: String, exec_id: String },
     #[error("container {id}: exec {exec_id}: already exists and has not exited")]
     ExecExists { id: String, exec_id: String },
+    #[error("container {id}: exec {exec_id}: still running (kill it and wait for it first)")]
+    ExecRunning { id: String, exec_id: String },
     #[error("container {id}: invalid id {id:?}: use letters, digits, '-', '_' and '.', at most 64, not starting with '.'")]
     BadId { id: String },
     #[error("container {0}: is not running (it has exited or was never started)")]
@@ -283,6 +285,30 @@ impl Container {
         })();
         let _ = fs::remove_file(&process_file);
         result
+    }
+
+    /// Forgets exec `exec_id`, which must have exited.
+    pub fn forget_exec(&self, exec_id: &str) -> Result<(), ContainerError> {
+        let mut execs = lock(&self.execs);
+        match execs.get(exec_id) {
+            None => Err(ContainerError::NoExec {
+                id: self.id.clone(),
+                exec_id: exec_id.into(),
+            }),
+            Some(p) if p.exit_info().is_none() => Err(ContainerError::ExecRunning {
+                id: self.id.clone(),
+                exec_id: exec_id.into(),
+            }),
+            Some(_) => {
+                execs.remove(exec_id);
+                Ok(())
+            }
+        }
+    }
+
+    /// How many processes the container keeps records of: its own and its execs.
+    pub fn process_count(&self) -> usize {
+        1 + lock(&self.execs).len()
     }
 
     /// The container's own process (`exec_id` empty) or one of its execs.

@@ -46,9 +46,9 @@ impl From<ContainerError> for ttrpc::Error {
             ContainerError::NotFound(_) | ContainerError::NoExec { .. } => Code::NOT_FOUND,
             ContainerError::Exists(_) | ContainerError::ExecExists { .. } => Code::ALREADY_EXISTS,
             ContainerError::BadId { .. } | ContainerError::Spec(_) => Code::INVALID_ARGUMENT,
-            ContainerError::NotRunning(_) | ContainerError::AlreadyStarted(_) => {
-                Code::FAILED_PRECONDITION
-            }
+            ContainerError::NotRunning(_)
+            | ContainerError::AlreadyStarted(_)
+            | ContainerError::ExecRunning { .. } => Code::FAILED_PRECONDITION,
             ContainerError::Storage { .. } | ContainerError::Runtime { .. } => Code::INTERNAL,
         };
         log::warn!("{e}");
@@ -350,8 +350,15 @@ impl proto::Agent for AgentService {
         let uptime = nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME)
             .map(|t| t.tv_sec() as f64 + t.tv_nsec() as f64 / 1e9)
             .unwrap_or(0.0);
+        let processes = lock(&self.containers)
+            .values()
+            .map(|c| c.process_count())
+            .sum::<usize>();
+        let open_fds = std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count());
         Ok(proto::HealthResponse {
             uptime_seconds: uptime,
+            processes: processes as u32,
+            open_fds: open_fds as u32,
             ..Default::default()
         })
     }
@@ -460,6 +467,16 @@ impl proto::Agent for AgentService {
     ) -> RpcResult<proto::Empty> {
         self.container(&req.container_id)?
             .signal(&req.exec_id, req.signal as i32, req.all)?;
+        Ok(proto::Empty::new())
+    }
+
+    async fn delete_process(
+        &self,
+        _ctx: &TtrpcContext,
+        req: proto::ProcessRequest,
+    ) -> RpcResult<proto::Empty> {
+        self.container(&req.container_id)?
+            .forget_exec(&req.exec_id)?;
         Ok(proto::Empty::new())
     }
 

@@ -413,53 +413,26 @@ impl Pod {
 
     pub async fn start(self: &Arc<Self>, id: &str, exec_id: &str) -> Result<u32> {
         let vm = self.vm(id).await?;
+        // The pod's lock is not held across the guest's work (an exec's start takes
+        // seconds on a slow host): a probe's exec must not queue behind another.
+        let (spec, stdio, io) = {
+            let mut st = self.state.lock().await;
+            let (_, p) = st.tasks.process(id, exec_id)?;
+            if p.started || p.starting {
+                return Err(ShimError::AlreadyStarted {
+                    what: process_name(id, exec_id),
+                });
+            }
+            p.starting = true;
+            (p.spec.clone(), p.stdio.clone(), p.io.clone())
+        };
+        let started = self
+            .start_in_guest(&vm, id, exec_id, spec, &stdio, &io)
+            .await;
         let mut st = self.state.lock().await;
         let (_, p) = st.tasks.process(id, exec_id)?;
-        if p.started {
-            return Err(ShimError::AlreadyStarted {
-                what: process_name(id, exec_id),
-            });
-        }
-        let guest_pid = if exec_id.is_empty() {
-            let req = agent_proto::ContainerRequest {
-                container_id: id.into(),
-                ..Default::default()
-            };
-            vm.agent
-                .start_container(self.agent_ctx(), &req)
-                .await
-                .map_err(error::agent(format!("task {id}: StartContainer")))?
-                .pid
-        } else {
-            let req = agent_proto::ExecProcessRequest {
-                container_id: id.into(),
-                exec_id: exec_id.into(),
-                oci_process: p.spec.clone().unwrap_or_default(),
-                stdio: MessageField::some(p.stdio.wanted()),
-                ..Default::default()
-            };
-            let what = format!("exec {exec_id} in task {id}");
-            let pid = vm
-                .agent
-                .exec_process(self.agent_ctx(), &req)
-                .await
-                .map_err(error::agent(what.clone()))?
-                .pid;
-            match ProcessIo::attach(&vm.paths.vsock_socket, id, exec_id, &p.stdio).await {
-                Ok(io) => *p.io.lock().await = io,
-                Err(source) => {
-                    let kill = agent_proto::SignalProcessRequest {
-                        container_id: id.into(),
-                        exec_id: exec_id.into(),
-                        signal: libc::SIGKILL as u32,
-                        ..Default::default()
-                    };
-                    let _ = vm.agent.signal_process(self.agent_ctx(), &kill).await;
-                    return Err(ShimError::Stdio { what, source });
-                }
-            }
-            pid
-        };
+        p.starting = false;
+        let guest_pid = started?;
         p.started = true;
         p.guest_pid = guest_pid;
         let io = p.io.clone();
@@ -529,6 +502,58 @@ impl Pod {
         Ok(vm_pid)
     }
 
+    /// StartContainer, or ExecProcess and its stdio; the guest pid.
+    async fn start_in_guest(
+        &self,
+        vm: &SandboxVm,
+        id: &str,
+        exec_id: &str,
+        spec: Option<Vec<u8>>,
+        stdio: &StdioPaths,
+        io: &Mutex<ProcessIo>,
+    ) -> Result<u32> {
+        if exec_id.is_empty() {
+            let req = agent_proto::ContainerRequest {
+                container_id: id.into(),
+                ..Default::default()
+            };
+            return Ok(vm
+                .agent
+                .start_container(self.agent_ctx(), &req)
+                .await
+                .map_err(error::agent(format!("task {id}: StartContainer")))?
+                .pid);
+        }
+        let req = agent_proto::ExecProcessRequest {
+            container_id: id.into(),
+            exec_id: exec_id.into(),
+            oci_process: spec.unwrap_or_default(),
+            stdio: MessageField::some(stdio.wanted()),
+            ..Default::default()
+        };
+        let what = format!("exec {exec_id} in task {id}");
+        let pid = vm
+            .agent
+            .exec_process(self.agent_ctx(), &req)
+            .await
+            .map_err(error::agent(what.clone()))?
+            .pid;
+        match ProcessIo::attach(&vm.paths.vsock_socket, id, exec_id, stdio).await {
+            Ok(attached) => *io.lock().await = attached,
+            Err(source) => {
+                let kill = agent_proto::SignalProcessRequest {
+                    container_id: id.into(),
+                    exec_id: exec_id.into(),
+                    signal: libc::SIGKILL as u32,
+                    ..Default::default()
+                };
+                let _ = vm.agent.signal_process(self.agent_ctx(), &kill).await;
+                return Err(ShimError::Stdio { what, source });
+            }
+        }
+        Ok(pid)
+    }
+
     /// Delivers a signal through the agent within the stop bound
     /// ([`Config::stop_timeout_secs`]). A guest that does not answer (a hung kernel, a
     /// stuck agent, a starved vCPU) must not leave the pod unstoppable: when the
@@ -560,7 +585,8 @@ impl Pod {
             }
         }
         log::error!(
-            "task {id}: the guest did not answer a signal within {bound:?} ({cause}){};              ending the pod's VM {} from the host. {}",
+            "task {id}: the guest did not answer a signal within {bound:?} ({cause}){}; \
+             ending the pod's VM {} from the host. {}",
             if sandbox { "" } else { " nor a health probe" },
             vm.pid,
             vm.log_tail()
@@ -591,6 +617,17 @@ impl Pod {
         let pid = vm.as_ref().map_or(0, |v| v.pid);
         if !exec_id.is_empty() {
             let exit = self.state.lock().await.tasks.delete_exec(id, exec_id)?;
+            // The agent forgets it too (an exec never started is unknown there).
+            if let Some(vm) = vm.filter(|v| !v.is_gone()) {
+                let req = agent_proto::ProcessRequest {
+                    container_id: id.into(),
+                    exec_id: exec_id.into(),
+                    ..Default::default()
+                };
+                if let Err(e) = vm.agent.delete_process(self.agent_ctx(), &req).await {
+                    log::debug!("{}: DeleteProcess: {e}", process_name(id, exec_id));
+                }
+            }
             return Ok((pid, exit));
         }
         let mut st = self.state.lock().await;

@@ -66,6 +66,8 @@ pub struct Process {
     pub spec: Option<Vec<u8>>,
     pub guest_pid: u32,
     pub started: bool,
+    /// Start is under way (in the guest, without the pod's lock held).
+    pub starting: bool,
     pub paused: bool,
     pub exit: watch::Sender<Option<Exit>>,
     pub io: Arc<Mutex<ProcessIo>>,
@@ -78,6 +80,7 @@ impl Process {
             spec,
             guest_pid: 0,
             started: false,
+            starting: false,
             paused: false,
             exit: watch::channel(None).0,
             io: Arc::new(Mutex::new(ProcessIo::default())),

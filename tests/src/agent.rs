@@ -211,6 +211,7 @@ impl AgentConn {
         exec_process(ExecProcessRequest) -> StartResponse;
         signal_process(SignalProcessRequest) -> Empty;
         wait_process(ProcessRequest) -> WaitResponse;
+        delete_process(ProcessRequest) -> Empty;
         close_stdin(ProcessRequest) -> Empty;
         list_pids(ContainerRequest) -> PidsResponse;
         stats_container(ContainerRequest) -> StatsResponse;

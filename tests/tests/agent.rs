@@ -445,7 +445,10 @@ fn the_agent_runs_containers_on_one_vm() {
         )
     });
 
-    // e2: on a terminal (its output has \r\n line ends).
+    // e2: on a terminal (its output has \r\n line ends). Then deleted, as containerd
+    // deletes an exec: the agent forgets it, and its records and descriptors are back
+    // where they were (a probe execs every few seconds for a pod's whole life).
+    let before = ok("Health before e2", conn.health());
     step(&conn, &log, "e2", |exec_id| {
         let req = exec_request(
             c2,
@@ -454,7 +457,7 @@ fn the_agent_runs_containers_on_one_vm() {
             stdio(true, true, false, true),
         );
         ok("ExecProcess e2", conn.exec_process(&req));
-        let _stdin = attach(&uds, StdioStream::Stdin, c2, exec_id).expect("attaching e2's stdin");
+        let stdin = attach(&uds, StdioStream::Stdin, c2, exec_id).expect("attaching e2's stdin");
         let mut stdout =
             attach(&uds, StdioStream::Stdout, c2, exec_id).expect("attaching e2's tty");
         let got = text(&read_all_with_timeout(&mut stdout, IO_TIMEOUT));
@@ -464,7 +467,36 @@ fn the_agent_runs_containers_on_one_vm() {
             format!("e2 has a terminal: {got:?} (exit {exit:?})"),
         )?;
         check(got.contains("42"), format!("e2's output: {got:?}"))?;
-        check(exit.exit_status == 0, format!("e2's exit: {exit:?}"))
+        check(exit.exit_status == 0, format!("e2's exit: {exit:?}"))?;
+        let during = ok("Health after e2", conn.health());
+        check(
+            during.processes == before.processes + 1,
+            format!("e2 is kept until deleted: {during:?}, before {before:?}"),
+        )?;
+        ok(
+            "DeleteProcess e2",
+            conn.delete_process(&AgentConn::process(c2, exec_id)),
+        );
+        drop(stdin);
+        // The agent closes its ends of e2's streams as it sees them close.
+        let deadline = Instant::now() + IO_TIMEOUT;
+        let after = loop {
+            let after = ok("Health after deleting e2", conn.health());
+            let back = (after.processes, after.open_fds) == (before.processes, before.open_fds);
+            if back || Instant::now() > deadline {
+                break after;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        };
+        check(
+            (after.processes, after.open_fds) == (before.processes, before.open_fds),
+            format!("after deleting e2: {after:?}, before e2: {before:?}"),
+        )?;
+        let again = err_text(
+            "DeleteProcess e2 again",
+            conn.delete_process(&AgentConn::process(c2, exec_id)),
+        );
+        check(again.contains("no such process"), format!("again: {again}"))
     });
 
     // An exec into a container that does not exist.
