@@ -17,9 +17,14 @@
 //! (`mkfs.ext4 -d`, e2fsprogs). The guest stacks them with overlayfs under a fresh
 //! writable ext4 disk ([`PreparedRootfs::upper`]).
 //!
-//! Writes the container makes in the VM land in that upper disk only: they never go
-//! back to containerd's snapshot (its upperdir stays as containerd made it), so
-//! `ctr snapshot` / `nerdctl commit` of a peapod container do not see them.
+//! Writes the container makes in the VM land in that upper disk only, a sparse file
+//! on the node's disk. With an overlay snapshot the disk is a file in the snapshot's
+//! upperdir ([`UPPER_IN_SNAPSHOT`]), because containerd's CRI takes a container's
+//! writable-layer usage (what the kubelet's ephemeral-storage eviction reads) from the
+//! snapshotter, which counts the allocated blocks under the upperdir
+//! (docs/decisions.md). Otherwise it is in the container's work directory, under
+//! `data_dir`. The files the container writes are inside the disk, so
+//! `ctr snapshot` / `nerdctl commit` of a peapod container see one opaque file.
 
 use std::fs::File;
 use std::io;
@@ -31,6 +36,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
 
 use sha2::{Digest, Sha256};
+
+/// The upper disk's name in an overlay snapshot's upperdir: hidden, and named for
+/// whoever finds it there.
+pub const UPPER_IN_SNAPSHOT: &str = ".peapod-upper.ext4";
+/// The upper disk's name in the container's work directory.
+const UPPER_IN_WORK_DIR: &str = "upper.ext4";
 
 /// One of containerd's rootfs mounts (`containerd.types.Mount`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -581,14 +592,28 @@ impl Drop for Undo {
     }
 }
 
+/// Where the container's upper disk goes: in the snapshot's upperdir when `mounts`
+/// are an overlay snapshot with one (its usage is then the container's writable
+/// layer for containerd and the kubelet), else in `work_dir`.
+pub fn upper_disk_path(mounts: &[RootfsMount], work_dir: &Path) -> PathBuf {
+    match mounts {
+        [m] if m.kind == "overlay" => match parse_overlay_options(&m.options).upperdir {
+            Some(upperdir) => upperdir.join(UPPER_IN_SNAPSHOT),
+            None => work_dir.join(UPPER_IN_WORK_DIR),
+        },
+        _ => work_dir.join(UPPER_IN_WORK_DIR),
+    }
+}
+
 /// Turns containerd's rootfs mounts into images: the layers' (cached), a non-empty
 /// upperdir's or a bind-mounted tree's (uncached, in `work_dir`), and a fresh ext4
-/// upper disk of `upper_bytes` in `work_dir`.
+/// upper disk of `upper_bytes` at [`upper_disk_path`].
 ///
-/// Writes in the VM go to that upper disk: they never reach containerd's snapshot.
+/// Writes in the VM go to that upper disk: containerd's snapshot sees none of the
+/// container's files, only the disk.
 ///
 /// Blocking (the caller runs it on tokio's blocking pool). On failure removes what it
-/// made in `work_dir` (and `work_dir` itself if it made it); cached layers stay, valid
+/// made (and `work_dir` itself if it made it); cached layers stay, valid
 /// for the next try.
 pub fn prepare(
     cache: &LayerCache,
@@ -639,6 +664,10 @@ pub fn prepare(
             .map_err(|e| io_error("creating the container's work directory", work_dir, e))?;
         undo.dir = Some(work_dir.to_path_buf());
     }
+    let upper = upper_disk_path(mounts, work_dir);
+    // A disk an earlier task of this container left in the upperdir (a shim that
+    // died before its delete) is not part of the snapshot.
+    remove_if_there(&upper)?;
     let mut layers = Vec::new();
     match overlay {
         Some(options) => {
@@ -657,7 +686,6 @@ pub fn prepare(
             layers.push(cache.image_of(Path::new(&mount.source), &stem)?);
         }
     }
-    let upper = work_dir.join("upper.ext4");
     undo.files.push(upper.clone());
     build_upper(&cache.tools.ext4, &upper, upper_bytes)?;
     // Success: keep everything.
@@ -1134,7 +1162,8 @@ mod tests {
         assert!(p.layers.iter().all(|l| l.cached));
         assert_eq!(p.layers[0], cache.layer(&l1).unwrap(), "topmost first");
         assert_eq!(p.layers[1], cache.layer(&l2).unwrap());
-        assert_eq!(p.upper, work.join("upper.ext4"));
+        // The upper disk is in the upperdir, where containerd counts its blocks.
+        assert_eq!(p.upper, upper.join(UPPER_IN_SNAPSHOT));
         assert!(ext4_magic(&p.upper));
         let upper_meta = std::fs::metadata(&p.upper).unwrap();
         assert_eq!(upper_meta.len(), 64 << 20);
@@ -1144,7 +1173,8 @@ mod tests {
             upper_meta.blocks()
         );
 
-        // A non-empty upperdir goes on top, uncached, in the work dir.
+        // A non-empty upperdir goes on top, uncached, in the work dir; the disk an
+        // earlier task left there is not part of it.
         std::fs::write(upper.join("written"), "by containerd").unwrap();
         let p = prepare(
             &cache,
@@ -1161,7 +1191,14 @@ mod tests {
             std::fs::read_to_string(m.path().join("written")).unwrap(),
             "by containerd"
         );
+        assert!(!m.path().join(UPPER_IN_SNAPSHOT).exists());
         assert_eq!(cache.builds(), 2, "each lower built once");
+        drop(m);
+
+        // Without an upperdir the disk goes in the work dir.
+        let p = prepare(&cache, &[overlay(&[&l1], None)], &work, 64 << 20).expect("prepare");
+        assert_eq!(p.upper, work.join(UPPER_IN_WORK_DIR));
+        assert!(ext4_magic(&p.upper));
     }
 
     #[test]
@@ -1217,8 +1254,9 @@ mod tests {
         std::fs::create_dir(&work).unwrap();
         let e = prepare(&cache, &[overlay(&[&l1], Some(&upper))], &work, 8192).unwrap_err();
         assert!(matches!(e, RootfsError::MkfsFailed { .. }), "{e:?}");
-        assert!(e.to_string().contains("upper.ext4"), "{e}");
+        assert!(e.to_string().contains(UPPER_IN_SNAPSHOT), "{e}");
         assert!(work.is_dir());
         assert_eq!(names_in(&work), Vec::<String>::new());
+        assert_eq!(names_in(&upper), vec!["written".to_string()]);
     }
 }

@@ -11,6 +11,7 @@ use containerd_shim_protos::types::task::Status;
 use tokio::sync::{watch, Mutex};
 
 use crate::error::{exec_label, Result, ShimError};
+use crate::state::ContainerFiles;
 use crate::stdio::{ProcessIo, StdioPaths};
 
 /// The exit status of a process whose VM died under it.
@@ -119,7 +120,7 @@ impl Process {
 pub struct ContainerMeta {
     pub bundle: String,
     pub sandbox: bool,
-    pub work_dir: PathBuf,
+    pub files: ContainerFiles,
     /// The images in the VM's slots this container holds (released on delete).
     pub disks: Vec<PathBuf>,
 }
@@ -273,7 +274,10 @@ mod tests {
             meta: ContainerMeta {
                 bundle: String::new(),
                 sandbox,
-                work_dir: PathBuf::new(),
+                files: ContainerFiles {
+                    work_dir: PathBuf::new(),
+                    upper: None,
+                },
                 disks: Vec::new(),
             },
             main: Process::new(StdioPaths::default(), None),
