@@ -489,8 +489,11 @@ pub fn build_ext4(program: &Path, dir: &Path, image: &Path) -> Result<(), Rootfs
 }
 
 /// A fresh sparse ext4 image of `bytes` for the container's writes. Lazy inode-table
-/// and journal initialisation and no discard keep mkfs fast whatever the size: it
-/// writes only the metadata it must.
+/// and journal initialisation keep mkfs fast whatever the size: it writes only the
+/// metadata it must. Its discard of the file (a hole punched in a hole) lets mkfs mark
+/// the inode tables zeroed, which a sparse file's are: otherwise the guest kernel
+/// zeroes them after mounting (ext4lazyinit), 160 MiB of writes to a 10 GiB disk that
+/// the node would pay for and count against the container's writable layer.
 pub fn build_upper(program: &Path, image: &Path, bytes: u64) -> Result<(), RootfsError> {
     remove_if_there(image)?;
     let made = File::create(image)
@@ -500,7 +503,7 @@ pub fn build_upper(program: &Path, image: &Path, bytes: u64) -> Result<(), Rootf
         run_mkfs(
             Command::new(program)
                 .args(["-q", "-F", "-t", "ext4", "-b", "4096", "-m", "0"])
-                .args(["-E", "lazy_itable_init=1,lazy_journal_init=1,nodiscard"])
+                .args(["-E", "lazy_itable_init=1,lazy_journal_init=1"])
                 .arg(image),
             image,
             image,
@@ -1172,6 +1175,24 @@ mod tests {
             "sparse: {} blocks",
             upper_meta.blocks()
         );
+        // The guest will not write its inode tables' zeroes to the disk.
+        let groups = String::from_utf8(
+            Command::new("dumpe2fs")
+                .arg(&p.upper)
+                .stderr(std::process::Stdio::null())
+                .output()
+                .unwrap()
+                .stdout,
+        )
+        .unwrap();
+        let group_lines: Vec<&str> = groups
+            .lines()
+            .filter(|l| l.starts_with("Group ") && l.contains("(Blocks"))
+            .collect();
+        assert!(!group_lines.is_empty(), "{groups}");
+        for g in &group_lines {
+            assert!(g.contains("ITABLE_ZEROED"), "{g}");
+        }
 
         // A non-empty upperdir goes on top, uncached, in the work dir; the disk an
         // earlier task left there is not part of it.
