@@ -345,11 +345,17 @@ impl Pod {
             std::fs::create_dir_all(&wd).map_err(|e| e.to_string())?;
             warn_if_on_tmpfs(
                 &task,
+                "its work directory",
                 &wd,
-                "its work directory (set data_dir to the node's disk)",
+                "set data_dir in the peapod config to a directory on the node's disk",
             );
             if let Some(dir) = upper.as_deref().and_then(Path::parent) {
-                warn_if_on_tmpfs(&task, dir, "its upper disk (containerd's snapshots)");
+                warn_if_on_tmpfs(
+                    &task,
+                    "the directory of its upper disk",
+                    dir,
+                    "put containerd's root on the node's disk",
+                );
             }
             rootfs::prepare(&cache, &mounts, &wd, upper_bytes).map_err(|e| e.to_string())
         })
@@ -697,12 +703,13 @@ impl Pod {
     }
 }
 
-/// A container's writes on a tmpfs take the node's RAM: say so, naming the place.
-fn warn_if_on_tmpfs(id: &str, dir: &Path, what: &str) {
+/// A container's writes on a tmpfs take the node's RAM: say so, naming the place
+/// and the fix.
+fn warn_if_on_tmpfs(id: &str, what: &str, dir: &Path, fix: &str) {
     if state::is_on_tmpfs(dir) {
         log::warn!(
-            "task {id}: {} holds {what} and is a tmpfs: what the container writes takes the \
-             node's RAM",
+            "task {id}: {what} {} is on a tmpfs, so what the container writes takes the \
+             node's RAM: {fix}",
             dir.display()
         );
     }

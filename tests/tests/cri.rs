@@ -175,6 +175,10 @@ fn a_kubelet_runs_peapod_pods_beside_runc() {
         used < used_before + written + LAYER_SLACK,
         "the writable layer grew from {used_before} to {used} bytes for {written}: {layer:?}"
     );
+    eprintln!(
+        "{WRITTEN_MIB} MiB written: writable layer {used_before} -> {used} bytes, \
+         state_dir {state_before} -> {state_after} bytes"
+    );
     assert!(
         layer.inodes_used.is_some_and(|i| i.value > 0),
         "ContainerStats reports the writable layer's inodes: {layer:?}"
