@@ -39,7 +39,7 @@ vmm = "$prefix/bin/peapod-vmm"
 CONF
     echo "install: $dest/etc/peapod/config.toml"
 fi
-mkdir -p "$dest/var/lib/peapod/layers"
+mkdir -p "$dest/var/lib/peapod/layers" "$dest/var/lib/peapod/pods"
 
 cat <<NEXT
 

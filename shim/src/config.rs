@@ -40,8 +40,13 @@ pub struct Config {
     pub initrd: PathBuf,
     /// The `peapod-vmm` binary; relative to the shim's own directory if relative.
     pub vmm: PathBuf,
-    /// Per-pod state: sockets, disks of the pod's containers, the VMM's pid.
+    /// Per-pod runtime state, small and gone with the pod: records, sockets, the
+    /// VMM's log. A tmpfs (`/run`) is right for it.
     pub state_dir: PathBuf,
+    /// Per-pod data on the node's disk: the containers' private images, and their
+    /// writable disks where the snapshot has no upperdir to hold them. Never a tmpfs:
+    /// what a tenant writes would fill the node's RAM.
+    pub data_dir: PathBuf,
     /// Read-only layer images, shared by every pod on the node.
     pub layer_cache: PathBuf,
     /// The layer cache's size bound: past it, images no pod uses are removed, least
@@ -99,6 +104,7 @@ impl Default for Config {
             initrd: "/usr/share/peapod/initramfs.cpio".into(),
             vmm: "peapod-vmm".into(),
             state_dir: "/run/peapod/pods".into(),
+            data_dir: "/var/lib/peapod/pods".into(),
             layer_cache: "/var/lib/peapod/layers".into(),
             layer_cache_max_mib: 20 * 1024,
             default_vcpus: 1,

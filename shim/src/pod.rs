@@ -35,7 +35,7 @@ use crate::error::{self, Result, ShimError};
 use crate::rootfs::{self, ImageLease, LayerCache, RootfsMount};
 use crate::sandbox_vm::{SandboxVm, VmEvent};
 use crate::spec::{OciSpec, BUNDLE_SPEC};
-use crate::state::{self, TaskRecord};
+use crate::state::{self, ContainerFiles, TaskRecord};
 use crate::stdio::{ProcessIo, StdioPaths};
 use crate::tasks::{
     now, process_name, set_exit_once, timestamp_from_nanos, Container, ContainerMeta, Exit,
@@ -211,8 +211,11 @@ impl Pod {
                 None => {
                     let pod_dir =
                         state::pod_dir(&self.config.state_dir, &self.namespace, &sandbox_id);
+                    let data_dir =
+                        state::pod_dir(&self.config.data_dir, &self.namespace, &sandbox_id);
                     let (vm, events) =
-                        SandboxVm::boot(&self.config, pod_dir, &sandbox_id, &spec).await?;
+                        SandboxVm::boot(&self.config, pod_dir, data_dir, &sandbox_id, &spec)
+                            .await?;
                     self.consume_vm_events(events);
                     st.vm = Some(vm.clone());
                     vm
@@ -223,7 +226,20 @@ impl Pod {
         };
         // From here on the pod's lock is taken only briefly: the images and the
         // guest's work take seconds, and containerd asks about other tasks meanwhile.
-        let work_dir = state::container_dir(&vm.pod_dir, &id);
+        let mounts: Vec<RootfsMount> = req
+            .rootfs
+            .iter()
+            .map(|m| RootfsMount {
+                kind: m.type_.clone(),
+                source: m.source.clone(),
+                options: m.options.clone(),
+            })
+            .collect();
+        let work_dir = state::container_dir(&vm.data_dir, &id);
+        let files = ContainerFiles {
+            upper: Some(rootfs::upper_disk_path(&mounts, &work_dir)),
+            work_dir,
+        };
         let stdio = StdioPaths {
             stdin: req.stdin.clone(),
             stdout: req.stdout.clone(),
@@ -233,7 +249,7 @@ impl Pod {
         let mut disks = Vec::new();
         let made = self
             .make_container(
-                &req, &vm, &mut spec, is_sandbox, &work_dir, &stdio, &mut disks,
+                &req, &vm, &mut spec, is_sandbox, mounts, &files, &stdio, &mut disks,
             )
             .await;
         let (io, leases) = match made {
@@ -242,7 +258,9 @@ impl Pod {
                 for d in &disks {
                     vm.release_disk(d).await;
                 }
-                let _ = state::remove_dir(&work_dir);
+                if let Err(e) = files.remove() {
+                    log::warn!("task {id}: removing the files of a failed create: {e}");
+                }
                 let _ = std::fs::remove_file(Path::new(&req.bundle).join(state::BUNDLE_FILE));
                 let mut st = self.state.lock().await;
                 st.tasks.end_create(&id, None);
@@ -260,7 +278,7 @@ impl Pod {
             meta: ContainerMeta {
                 bundle: req.bundle.clone(),
                 sandbox: is_sandbox,
-                work_dir,
+                files,
                 disks,
                 leases,
             },
@@ -300,14 +318,15 @@ impl Pod {
         vm: &SandboxVm,
         spec: &mut OciSpec,
         is_sandbox: bool,
-        work_dir: &Path,
+        mounts: Vec<RootfsMount>,
+        files: &ContainerFiles,
         stdio: &StdioPaths,
         disks: &mut Vec<PathBuf>,
     ) -> Result<(ProcessIo, Vec<ImageLease>)> {
         let id = &req.id;
         let record = TaskRecord {
             pod_dir: vm.pod_dir.clone(),
-            work_dir: work_dir.to_path_buf(),
+            files: files.clone(),
             sandbox: is_sandbox,
         };
         state::write_json(&Path::new(&req.bundle).join(state::BUNDLE_FILE), &record).map_err(
@@ -318,21 +337,28 @@ impl Pod {
         )?;
 
         // The rootfs: images of the layers, a fresh upper.
-        let mounts: Vec<RootfsMount> = req
-            .rootfs
-            .iter()
-            .map(|m| RootfsMount {
-                kind: m.type_.clone(),
-                source: m.source.clone(),
-                options: m.options.clone(),
-            })
-            .collect();
         let cache = self.cache.clone();
-        let wd = work_dir.to_path_buf();
+        let wd = files.work_dir.clone();
         let upper_bytes = self.config.upper_size_mib << 20;
         let bound = self.config.layer_cache_bound();
+        let upper = files.upper.clone();
+        let task = id.clone();
         let prepared = tokio::task::spawn_blocking(move || {
             std::fs::create_dir_all(&wd).map_err(|e| e.to_string())?;
+            warn_if_on_tmpfs(
+                &task,
+                "its work directory",
+                &wd,
+                "set data_dir in the peapod config to a directory on the node's disk",
+            );
+            if let Some(dir) = upper.as_deref().and_then(Path::parent) {
+                warn_if_on_tmpfs(
+                    &task,
+                    "the directory of its upper disk",
+                    dir,
+                    "put containerd's root on the node's disk",
+                );
+            }
             let prepared =
                 rootfs::prepare(&cache, &mounts, &wd, upper_bytes).map_err(|e| e.to_string())?;
             // With this container's images leased, the cache drops what no pod uses
@@ -699,8 +725,8 @@ impl Pod {
                 vm.release_disk(d).await;
             }
         }
-        if let Err(e) = state::remove_dir(&c.meta.work_dir) {
-            log::warn!("task {id}: removing {}: {e}", c.meta.work_dir.display());
+        if let Err(e) = c.meta.files.remove() {
+            log::warn!("task {id}: removing its files: {e}");
         }
         let _ = std::fs::remove_file(Path::new(&c.meta.bundle).join(state::BUNDLE_FILE));
         if last {
@@ -761,5 +787,17 @@ impl Pod {
             r.map_err(error::agent(what))?;
         }
         self.with_process(id, "", |_, p| p.paused = pause).await
+    }
+}
+
+/// A container's writes on a tmpfs take the node's RAM: say so, naming the place
+/// and the fix.
+fn warn_if_on_tmpfs(id: &str, what: &str, dir: &Path, fix: &str) {
+    if state::is_on_tmpfs(dir) {
+        log::warn!(
+            "task {id}: {what} {} is on a tmpfs, so what the container writes takes the \
+             node's RAM: {fix}",
+            dir.display()
+        );
     }
 }

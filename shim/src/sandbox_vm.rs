@@ -4,7 +4,8 @@
 //! into the pod that owns it.
 //!
 //! On the host a VM is its pod's directory (`state.rs`): the VMM, its network
-//! plumbing and its cgroup are recorded there as they are made, so that
+//! plumbing, its cgroup and the pod's data directory are recorded there as they are
+//! made, so that
 //! [`cleanup_pod_dir`] ends a VM from the directory alone (`delete` after a crash).
 //! A boot that fails part-way undoes what it made with a drop guard.
 
@@ -50,8 +51,10 @@ pub enum VmEvent {
 
 pub struct SandboxVm {
     pub pid: u32,
-    /// The pod's directory: the VM's records and files, its containers'.
+    /// The pod's state directory: the VM's records, sockets and logs.
     pub pod_dir: PathBuf,
+    /// The pod's data directory (on the node's disk): its containers' work dirs.
+    pub data_dir: PathBuf,
     pub paths: VmPaths,
     pub api: VmmApi,
     pub agent: AgentClient,
@@ -64,10 +67,12 @@ pub struct SandboxVm {
 impl SandboxVm {
     /// Boots the pod's VM in `pod_dir` for its first container, whose `spec` gives
     /// its size, network and cgroup; CreateSandbox has run in the guest when it
-    /// returns. Whatever a failed boot made is gone when it returns.
+    /// returns. `data_dir` is the pod's data directory, recorded in `pod_dir` (its
+    /// containers make it). Whatever a failed boot made is gone when it returns.
     pub async fn boot(
         config: &Config,
         pod_dir: PathBuf,
+        data_dir: PathBuf,
         sandbox_id: &str,
         spec: &OciSpec,
     ) -> Result<(Arc<SandboxVm>, mpsc::Receiver<VmEvent>)> {
@@ -79,9 +84,14 @@ impl SandboxVm {
         };
         let netns = network_namespace(spec, sandbox_id)?;
         let size = config.vm_size(&spec.annotations());
-        std::fs::create_dir_all(pod_dir.join(state::CONTAINERS_DIR))
+        std::fs::create_dir_all(&pod_dir)
             .map_err(|e| fail(&format!("creating {}", pod_dir.display()), &e))?;
         let mut made = BootUndo::new(&pod_dir);
+        let data = state::DataRecord {
+            dir: data_dir.clone(),
+        };
+        state::write_json(&pod_dir.join(state::DATA_RECORD), &data)
+            .map_err(|e| fail("recording the pod's data directory", &e))?;
         for f in [&config.kernel, &config.initrd] {
             if !f.is_file() {
                 return Err(ShimError::MissingBootFile {
@@ -228,6 +238,7 @@ impl SandboxVm {
         let vm = Arc::new(SandboxVm {
             pid,
             pod_dir,
+            data_dir,
             paths,
             api,
             agent,
@@ -346,13 +357,21 @@ impl SandboxVm {
 }
 
 /// Everything of a pod's VM on the host, from its directory alone: the VMM, its
-/// cgroup, the tap and filters, the files. Idempotent.
+/// cgroup, the tap and filters, the pod's data directory, the files. Idempotent.
 pub fn cleanup_pod_dir(pod_dir: &Path) -> std::io::Result<()> {
     state::kill_vmm(pod_dir)?;
     remove_cgroup(pod_dir)?;
     if let Some(n) = state::read_json::<NetworkRecord>(&pod_dir.join(state::NETWORK_RECORD))? {
         network::detach(&n.netns, &n.veth, &n.tap)
             .map_err(|e| std::io::Error::other(e.to_string()))?;
+    }
+    if let Some(d) = state::read_json::<state::DataRecord>(&pod_dir.join(state::DATA_RECORD))? {
+        state::remove_dir(&d.dir).map_err(|e| {
+            std::io::Error::other(format!(
+                "removing the pod's data directory {}: {e}",
+                d.dir.display()
+            ))
+        })?;
     }
     state::remove_dir(pod_dir)
 }
@@ -503,7 +522,7 @@ mod tests {
     fn a_failed_boot_leaves_no_pod_directory() {
         let dir = tempfile::tempdir().unwrap();
         let pod_dir = dir.path().join("p1-0123");
-        std::fs::create_dir_all(pod_dir.join(state::CONTAINERS_DIR)).unwrap();
+        std::fs::create_dir_all(&pod_dir).unwrap();
         drop(BootUndo::new(&pod_dir));
         assert!(!pod_dir.exists());
         std::fs::create_dir_all(&pod_dir).unwrap();

@@ -146,14 +146,11 @@ pub fn cleanup_from_bundle(bundle: &Path) -> std::io::Result<()> {
     let Some(rec) = state::read_json::<TaskRecord>(&bundle.join(state::BUNDLE_FILE))? else {
         return Ok(());
     };
-    state::remove_dir(&rec.work_dir)?;
+    rec.files.remove()?;
     if rec.sandbox {
         sandbox_vm::cleanup_pod_dir(&rec.pod_dir)?;
     }
-    match std::fs::remove_file(bundle.join(state::BUNDLE_FILE)) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
-        _ => Ok(()),
-    }
+    state::remove_file(&bundle.join(state::BUNDLE_FILE))
 }
 
 /// Starts the shim server (this binary without `start`) in its own session, and
@@ -197,17 +194,25 @@ async fn spawn_server(
 mod tests {
     use super::*;
 
-    /// `delete` after a crash: the bundle's record leads to the container's and the
-    /// pod's files, which go; a second run (containerd retries) finds nothing to do.
+    /// `delete` after a crash: the bundle's record leads to the container's files (its
+    /// work dir under the pod's data directory, its upper disk in the snapshot) and
+    /// the pod's directories, which go; a second run (containerd retries) finds
+    /// nothing to do.
     #[test]
     fn delete_cleans_up_from_the_bundle_alone_and_twice() {
         let dir = tempfile::tempdir().unwrap();
         let bundle = dir.path().join("bundle");
         let pod_dir = dir.path().join("pods/ns-p1");
-        let work_dir = pod_dir.join("containers/p1");
+        let data_dir = dir.path().join("data/ns-p1");
+        let work_dir = state::container_dir(&data_dir, "p1");
+        let upperdir = dir.path().join("snapshots/4/fs");
         std::fs::create_dir_all(&bundle).unwrap();
         std::fs::create_dir_all(&work_dir).unwrap();
-        std::fs::write(work_dir.join("upper.ext4"), b"x").unwrap();
+        std::fs::create_dir_all(&pod_dir).unwrap();
+        std::fs::create_dir_all(&upperdir).unwrap();
+        let upper = upperdir.join(crate::rootfs::UPPER_IN_SNAPSHOT);
+        std::fs::write(&upper, b"x").unwrap();
+        std::fs::write(work_dir.join("snapshot-upper.erofs"), b"x").unwrap();
         // A VMM record whose pid is not that process any more: left alone.
         let me = std::process::id();
         let rec = state::VmmRecord {
@@ -215,15 +220,25 @@ mod tests {
             start_time: state::start_time(me).unwrap() + 1,
         };
         state::write_json(&pod_dir.join(state::VMM_RECORD), &rec).unwrap();
+        let data = state::DataRecord {
+            dir: data_dir.clone(),
+        };
+        state::write_json(&pod_dir.join(state::DATA_RECORD), &data).unwrap();
         let task = TaskRecord {
             pod_dir: pod_dir.clone(),
-            work_dir: work_dir.clone(),
+            files: state::ContainerFiles {
+                work_dir: work_dir.clone(),
+                upper: Some(upper.clone()),
+            },
             sandbox: true,
         };
         state::write_json(&bundle.join(state::BUNDLE_FILE), &task).unwrap();
 
         cleanup_from_bundle(&bundle).unwrap();
         assert!(!pod_dir.exists(), "the pod's directory is left");
+        assert!(!data_dir.exists(), "the pod's data directory is left");
+        assert!(!upper.exists(), "the upper disk is left in the snapshot");
+        assert!(upperdir.exists(), "the snapshot is containerd's");
         assert!(!bundle.join(state::BUNDLE_FILE).exists());
         assert!(bundle.exists(), "the bundle is containerd's to remove");
         cleanup_from_bundle(&bundle).unwrap();

@@ -1,9 +1,10 @@
 //! What the shim writes to disk so that `delete` can clean up a task from its bundle
 //! alone (after a shim crash, with no VM and no agent), and so that a pod's files are
-//! all in one directory.
+//! in two directories: its small runtime state under `state_dir` (a tmpfs on most
+//! nodes), and its data under `data_dir` (the node's disk).
 //!
 //! ```text
-//! <bundle>/peapod.json            which pod the task belongs to, and its work dir
+//! <bundle>/peapod.json            which pod the task belongs to, its work dir and upper disk
 //! <state_dir>/<pod>/vmm.pid       the VMM's pid and start time (to kill only it)
 //! <state_dir>/<pod>/network.json  the namespace, veth and tap of the pod's network
 //! <state_dir>/<pod>/cgroup.json   the VMM's cgroup directories, one per hierarchy
@@ -12,11 +13,13 @@
 //!                                 (the only host directory a jailed VMM sees)
 //! <state_dir>/<pod>/jail/         an empty mount point: the jail's root, a tmpfs in
 //!                                 the VMM's mount namespace
-//! <state_dir>/<pod>/containers/<id>/   a container's upper disk and private images
+//! <state_dir>/<pod>/data.json     the pod's directory under data_dir
+//! <data_dir>/<pod>/<id>/          a container's private images, and its upper disk
+//!                                 when its snapshot has no upperdir (`rootfs.rs`)
 //! ```
 //!
 //! The names the shim writes are the constants below ([`BUNDLE_FILE`],
-//! [`VMM_RECORD`], [`NETWORK_RECORD`], [`CGROUP_RECORD`], [`CONTAINERS_DIR`]); the
+//! [`VMM_RECORD`], [`NETWORK_RECORD`], [`CGROUP_RECORD`], [`DATA_RECORD`]); the
 //! VMM's own (`vmm.log`, `vm/`, `jail/`) are in `VmPaths::in_dir` (`vmm.rs`).
 
 use std::io;
@@ -33,22 +36,51 @@ pub const NETWORK_RECORD: &str = "network.json";
 /// In the pod's directory: the VMM's cgroup directories (`cgroup::VmmCgroup`; absent
 /// when the sandbox's spec names no cgroupsPath).
 pub const CGROUP_RECORD: &str = "cgroup.json";
-/// In the pod's directory: one directory per container ([`container_dir`]).
-pub const CONTAINERS_DIR: &str = "containers";
+/// In the pod's directory: its directory under `data_dir` ([`DataRecord`]).
+pub const DATA_RECORD: &str = "data.json";
 
-/// A container's directory in its pod's: its upper disk and private images.
-pub fn container_dir(pod_dir: &Path, id: &str) -> PathBuf {
-    pod_dir.join(CONTAINERS_DIR).join(id)
+/// A container's directory in its pod's data directory: its private images (and its
+/// upper disk when the snapshot has no upperdir).
+pub fn container_dir(pod_data_dir: &Path, id: &str) -> PathBuf {
+    pod_data_dir.join(id)
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct TaskRecord {
     /// The pod's state directory.
     pub pod_dir: PathBuf,
-    /// The container's directory (upper disk and its private images).
-    pub work_dir: PathBuf,
+    #[serde(flatten)]
+    pub files: ContainerFiles,
     /// Whether this task is the pod's sandbox (deleting it ends the VM).
     pub sandbox: bool,
+}
+
+/// A container's files on the host.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ContainerFiles {
+    /// The container's directory under the pod's data directory.
+    pub work_dir: PathBuf,
+    /// The container's upper disk, which may be outside `work_dir` (in its
+    /// snapshot's upperdir). Absent in records of shims before it was recorded.
+    #[serde(default)]
+    pub upper: Option<PathBuf>,
+}
+
+impl ContainerFiles {
+    /// Removes them; missing ones are fine.
+    pub fn remove(&self) -> io::Result<()> {
+        if let Some(upper) = &self.upper {
+            remove_file(upper)?;
+        }
+        remove_dir(&self.work_dir)
+    }
+}
+
+/// Where the pod's data is (`<data_dir>/<pod>`), so that the pod's state directory
+/// alone finds it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct DataRecord {
+    pub dir: PathBuf,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -137,6 +169,28 @@ pub fn remove_dir(path: &Path) -> io::Result<()> {
     }
 }
 
+/// Removes a file; a missing one is fine.
+pub fn remove_file(path: &Path) -> io::Result<()> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
+/// Whether `path` is on a tmpfs (whose files take the node's RAM); false if it cannot
+/// be told.
+pub fn is_on_tmpfs(path: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(c_path) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
+        return false;
+    };
+    // SAFETY: an all-zero statfs is a valid value for the kernel to overwrite.
+    let mut fs: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: c_path is a NUL-terminated string and fs a statfs the call may write.
+    let rc = unsafe { libc::statfs(c_path.as_ptr(), &mut fs) };
+    rc == 0 && fs.f_type == libc::TMPFS_MAGIC
+}
+
 /// How much of the sandbox id a pod directory's name shows (as `crictl pods` does).
 const POD_DIR_ID_CHARS: usize = 12;
 
@@ -194,11 +248,26 @@ mod tests {
         assert_eq!(read_json::<TaskRecord>(&p).unwrap(), None);
         let r = TaskRecord {
             pod_dir: "/run/peapod/pods/x".into(),
-            work_dir: "/run/peapod/pods/x/containers/c".into(),
+            files: ContainerFiles {
+                work_dir: "/var/lib/peapod/pods/x/c".into(),
+                upper: Some("/var/lib/containerd/snapshots/4/fs/.peapod-upper.ext4".into()),
+            },
             sandbox: true,
         };
         write_json(&p, &r).unwrap();
         assert_eq!(read_json::<TaskRecord>(&p).unwrap(), Some(r));
+        // A record written before `upper` was recorded still reads.
+        std::fs::write(&p, r#"{"pod_dir":"/p","work_dir":"/w","sandbox":false}"#).unwrap();
+        let old = read_json::<TaskRecord>(&p).unwrap().unwrap();
+        assert_eq!(old.files.work_dir, PathBuf::from("/w"));
+        assert_eq!(old.files.upper, None);
+    }
+
+    #[test]
+    fn tmpfs_is_told_apart() {
+        assert!(is_on_tmpfs(Path::new("/dev/shm")));
+        assert!(!is_on_tmpfs(Path::new("/proc")));
+        assert!(!is_on_tmpfs(Path::new("/nonexistent/peapod")));
     }
 
     #[test]

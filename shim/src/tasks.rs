@@ -12,6 +12,7 @@ use tokio::sync::{watch, Mutex};
 
 use crate::error::{exec_label, Result, ShimError};
 use crate::rootfs::ImageLease;
+use crate::state::ContainerFiles;
 use crate::stdio::{ProcessIo, StdioPaths};
 
 /// The exit status of a process whose VM died under it.
@@ -123,7 +124,7 @@ impl Process {
 pub struct ContainerMeta {
     pub bundle: String,
     pub sandbox: bool,
-    pub work_dir: PathBuf,
+    pub files: ContainerFiles,
     /// The images in the VM's slots this container holds (released on delete).
     pub disks: Vec<PathBuf>,
     /// Its leases on cached layer images, which keep the cache's collection from
@@ -280,7 +281,10 @@ mod tests {
             meta: ContainerMeta {
                 bundle: String::new(),
                 sandbox,
-                work_dir: PathBuf::new(),
+                files: ContainerFiles {
+                    work_dir: PathBuf::new(),
+                    upper: None,
+                },
                 disks: Vec::new(),
                 leases: Vec::new(),
             },

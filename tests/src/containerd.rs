@@ -60,6 +60,8 @@ pub struct PeapodConfig {
     pub vmm: Option<PathBuf>,
     /// Per-pod state; must be empty once a pod is gone. Default `<dir>/peapod-state`.
     pub state_dir: Option<PathBuf>,
+    /// Per-pod data; must be empty once a pod is gone. Default `<dir>/peapod-data`.
+    pub data_dir: Option<PathBuf>,
     /// The layer disk cache; may stay. Default `<dir>/layer-cache`.
     pub layer_cache: Option<PathBuf>,
     pub default_vcpus: Option<u32>,
@@ -85,6 +87,7 @@ impl PeapodConfig {
             initrd: Some(initrd()),
             vmm: Some(vmm_binary()),
             state_dir: None,
+            data_dir: None,
             layer_cache: None,
             default_vcpus: Some(1),
             default_memory_mib: Some(256),
@@ -105,6 +108,7 @@ impl PeapodConfig {
             ("initrd", &self.initrd),
             ("vmm", &self.vmm),
             ("state_dir", &self.state_dir),
+            ("data_dir", &self.data_dir),
             ("layer_cache", &self.layer_cache),
         ];
         for (key, value) in paths {
@@ -273,6 +277,8 @@ pub struct Containerd {
     pub peapod_config: Option<PathBuf>,
     /// The peapod state directory named in the peapod config.
     pub state_dir: PathBuf,
+    /// The peapod data directory named in the peapod config.
+    pub data_dir: PathBuf,
     /// The peapod layer cache named in the peapod config.
     pub layer_cache: PathBuf,
     /// containerd's stdout and stderr, across restarts.
@@ -315,6 +321,10 @@ impl Containerd {
             .as_ref()
             .and_then(|p| p.state_dir.clone())
             .unwrap_or_else(|| root_dir.join("peapod-state"));
+        let data_dir = peapod
+            .as_ref()
+            .and_then(|p| p.data_dir.clone())
+            .unwrap_or_else(|| root_dir.join("peapod-data"));
         let layer_cache = peapod
             .as_ref()
             .and_then(|p| p.layer_cache.clone())
@@ -322,6 +332,7 @@ impl Containerd {
         let mut peapod_config = None;
         if let Some(p) = &mut peapod {
             p.state_dir = Some(state_dir.clone());
+            p.data_dir = Some(data_dir.clone());
             p.layer_cache = Some(layer_cache.clone());
             let path = root_dir.join("peapod.toml");
             std::fs::write(&path, p.to_toml()).unwrap();
@@ -377,6 +388,7 @@ impl Containerd {
             config_path,
             peapod_config,
             state_dir,
+            data_dir,
             layer_cache,
             log,
             release,
@@ -678,6 +690,13 @@ impl Containerd {
         }
     }
 
+    /// The overlayfs snapshotter's `snapshots` directory: `<id>/fs` is a snapshot's
+    /// upperdir.
+    pub fn overlay_snapshots(&self) -> PathBuf {
+        self.root_dir
+            .join("root/io.containerd.snapshotter.v1.overlayfs/snapshots")
+    }
+
     /// The ids in `ctr containers ls -q`.
     pub fn containers(&self) -> Vec<String> {
         self.ctr_ok(&["containers", "ls", "-q"])
@@ -688,11 +707,13 @@ impl Containerd {
     }
 
     /// What [`HostState`](crate::leftovers::HostState) should look at for this
-    /// containerd's pods: the peapod state directory, processes carrying this
-    /// containerd's directory, and the network namespaces `netns`.
+    /// containerd's pods: the peapod state and data directories, upper disks in the
+    /// overlayfs snapshots, processes carrying this containerd's directory, and the
+    /// network namespaces `netns`.
     pub fn host_filter(&self, netns: &[&str]) -> crate::leftovers::HostFilter {
         crate::leftovers::HostFilter {
-            state_dirs: vec![self.state_dir.clone()],
+            state_dirs: vec![self.state_dir.clone(), self.data_dir.clone()],
+            snapshot_dirs: vec![self.overlay_snapshots()],
             netns: netns.iter().map(|s| s.to_string()).collect(),
             markers: vec![self.root_dir.to_string_lossy().into_owned()],
             ..Default::default()

@@ -29,6 +29,9 @@ use crate::oci_image::{busybox_image_tar, pause_image_tar};
 pub const CONTAINER_TIMEOUT: Duration = Duration::from_secs(240);
 /// How long CRI may take to see imported images and a CNI network after its start.
 const CRI_READY_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a write may take to show in ContainerStats: a few of containerd's 10 s
+/// snapshot syncs.
+const WRITABLE_LAYER_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a pod's teardown may go on after RemovePodSandbox returns: the shim ends
 /// the VM in the background (DestroySandbox, then the VMM's exit, each at most 10 s).
 const TEARDOWN_TIMEOUT: Duration = Duration::from_secs(60);
@@ -539,6 +542,44 @@ impl Node {
                 );
             }
             std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+
+    /// ContainerStats' writable layer of `c`: what the kubelet's ephemeral-storage
+    /// eviction reads.
+    pub fn writable_layer(&self, c: &Container) -> FilesystemUsage {
+        self.cri
+            .container_stats(ContainerStatsRequest {
+                container_id: c.id.clone(),
+            })
+            .unwrap_or_else(|e| panic!("container {}: {e}", c.id))
+            .stats
+            .and_then(|s| s.writable_layer)
+            .unwrap_or_else(|| {
+                panic!(
+                    "container {}: ContainerStats without a writable layer",
+                    c.id
+                )
+            })
+    }
+
+    /// Waits until `c`'s writable layer uses at least `bytes` (containerd's CRI
+    /// refreshes it every `stats_collect_period`, 10 s by default); its usage then.
+    pub fn wait_writable_layer(&self, c: &Container, bytes: u64) -> FilesystemUsage {
+        let deadline = Instant::now() + WRITABLE_LAYER_TIMEOUT;
+        loop {
+            let usage = self.writable_layer(c);
+            if usage.used_bytes.as_ref().is_some_and(|u| u.value >= bytes) {
+                return usage;
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "container {}'s writable layer is not {bytes} bytes after \
+                     {WRITABLE_LAYER_TIMEOUT:?}: {usage:?}",
+                    c.id
+                );
+            }
+            std::thread::sleep(Duration::from_secs(1));
         }
     }
 

@@ -1,6 +1,7 @@
 //! What a pod can leave behind on the host, snapshotted before and after a test: shim
-//! and VMM processes, mounts, files in the peapod state directory, shim sockets, and
-//! interfaces and tc filters in the test's network namespaces.
+//! and VMM processes, mounts, files in the peapod state and data directories, upper
+//! disks in containerd's snapshots, shim sockets, and interfaces and tc filters in the
+//! test's network namespaces.
 //!
 //! ```ignore
 //! let before = HostState::take(&ctd.host_filter(&[]));
@@ -28,8 +29,12 @@ fn is_pod_process(name: &str) -> bool {
 /// What to look at beyond the host-wide things (processes, mounts, shim sockets).
 #[derive(Clone, Debug, Default)]
 pub struct HostFilter {
-    /// Directories whose every file and socket counts (the peapod state directory).
+    /// Directories whose every file and socket counts (the peapod state and data
+    /// directories).
     pub state_dirs: Vec<PathBuf>,
+    /// overlayfs snapshotters' `snapshots` directories: a peapod upper disk in a
+    /// snapshot's upperdir (`<id>/fs`) counts, the snapshot itself is containerd's.
+    pub snapshot_dirs: Vec<PathBuf>,
     /// Named network namespaces (`ip netns`) whose interfaces, tc filters and ingress
     /// qdiscs count.
     pub netns: Vec<String>,
@@ -65,6 +70,7 @@ impl HostState {
         for d in &filter.state_dirs {
             walk(d, &mut files);
         }
+        files.extend(upper_disks_in(&filter.snapshot_dirs));
         let mut socket_dirs: Vec<PathBuf> = vec![SHIM_SOCKET_DIR.into()];
         socket_dirs.extend(filter.state_dirs.iter().cloned());
         Self {
@@ -264,6 +270,23 @@ pub fn pod_processes() -> BTreeMap<i32, PodProcess> {
 }
 
 /// Every path under `dir` (not following links), as "file: <path>".
+/// The peapod upper disks in the upperdirs of the snapshots under `dirs`.
+fn upper_disks_in(dirs: &[PathBuf]) -> Vec<String> {
+    dirs.iter()
+        .filter_map(|d| std::fs::read_dir(d).ok())
+        .flatten()
+        .flatten()
+        .map(|snapshot| {
+            snapshot
+                .path()
+                .join("fs")
+                .join(peapod_shim::rootfs::UPPER_IN_SNAPSHOT)
+        })
+        .filter(|disk| disk.exists())
+        .map(|disk| format!("upper disk: {}", disk.display()))
+        .collect()
+}
+
 fn walk(dir: &Path, out: &mut BTreeSet<String>) {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return;

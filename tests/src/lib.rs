@@ -371,3 +371,31 @@ pub fn read_until_closed(addr: std::net::SocketAddr, timeout: Duration) -> Strin
         }
     }
 }
+
+/// The bytes the files under `dir` take on their filesystem (allocated blocks, each
+/// inode once, as `du` counts), and the files' paths with theirs, largest first.
+pub fn allocated_bytes(dir: &Path) -> (u64, Vec<(u64, PathBuf)>) {
+    use std::os::unix::fs::MetadataExt;
+    let mut seen = std::collections::HashSet::new();
+    let mut files = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(path) = stack.pop() {
+        let Ok(meta) = std::fs::symlink_metadata(&path) else {
+            continue; // gone meanwhile
+        };
+        if meta.is_dir() {
+            stack.extend(
+                std::fs::read_dir(&path)
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                    .map(|e| e.path()),
+            );
+        }
+        if seen.insert((meta.dev(), meta.ino())) {
+            files.push((meta.blocks() * 512, path));
+        }
+    }
+    files.sort_by(|a, b| b.cmp(a));
+    (files.iter().map(|f| f.0).sum(), files)
+}

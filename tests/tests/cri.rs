@@ -20,7 +20,9 @@ use peapod_tests::cri::{exec_stream, AttachedTerminal, PEAPOD_HANDLER};
 use peapod_tests::kubelet::{ContainerSpec, Node, CONTAINER_TIMEOUT};
 use peapod_tests::leftovers::pod_processes;
 use peapod_tests::oci_image::{layered_image_tar, HELLO_PATH, STACK_DIR};
-use peapod_tests::{guest_kernel_release, host_kernel_release, read_until_closed, require_kvm};
+use peapod_tests::{
+    allocated_bytes, guest_kernel_release, host_kernel_release, read_until_closed, require_kvm,
+};
 
 /// The leftovers check looks at host-wide things (CRI's network namespaces): tests
 /// that run pods take turns.
@@ -30,6 +32,13 @@ const MIB: i64 = 1024 * 1024;
 /// The port the web pod serves on, and what it answers.
 const WEB_PORT: u16 = 8080;
 const WEB_REPLY: &str = "hi-from-the-web-pod";
+/// What the server container writes to its rootfs, in MiB.
+const WRITTEN_MIB: i64 = 50;
+/// What state_dir may grow by meanwhile (the VMM's and the shim's debug logs).
+const STATE_SLACK: u64 = 4 << 20;
+/// What the writable layer may grow by beyond the bytes written: the ext4 journal
+/// and metadata in the upper disk.
+const LAYER_SLACK: u64 = 64 << 20;
 /// The exit status of the job container's first attempt.
 const JOB_STATUS: i32 = 7;
 
@@ -105,7 +114,8 @@ const MEMORY_MAX: &str = "p=$(sed -n 's/^0:://p' /proc/self/cgroup); \
 /// The kubelet's view of peapod, end to end: a runc pod and two peapod pods on one
 /// containerd. The peapod pods run the guest's kernel, have pod IPs the host and each
 /// other reach, enforce the memory limit CreateContainer asked for (and the one
-/// UpdateContainerResources sets), report stats, stream exec with stdin and an exit
+/// UpdateContainerResources sets), report stats, keep a container's writes on the
+/// node's disk and report them as its writable layer, stream exec with stdin and an exit
 /// status and on a terminal, apply each container's seccomp profile to it and its
 /// execs as runc does, write CRI logs, restart an exited container in the same pod,
 /// and leave nothing behind once removed.
@@ -192,6 +202,38 @@ fn a_kubelet_runs_peapod_pods_beside_runc() {
     assert!(
         working_set < (128 * MIB) as u64,
         "the working set {working_set} is within the limit"
+    );
+
+    // What a container writes to its rootfs lands on the node's disk, not under
+    // state_dir (a tmpfs on nodes), and reaches the kubelet as its writable layer.
+    let layer_before = node.writable_layer(&server);
+    let used_before = layer_before.used_bytes.map_or(0, |u| u.value);
+    let (state_before, _) = allocated_bytes(&node.ctd.state_dir);
+    node.exec_ok(
+        &server,
+        &format!("dd if=/dev/zero of=/written bs=1M count={WRITTEN_MIB} conv=fsync 2>/dev/null"),
+    );
+    let (state_after, state_files) = allocated_bytes(&node.ctd.state_dir);
+    assert!(
+        state_after < state_before + STATE_SLACK,
+        "writing {WRITTEN_MIB} MiB in the container grew state_dir from {state_before} to \
+         {state_after} bytes: {:?}",
+        &state_files[..state_files.len().min(5)]
+    );
+    let written = (WRITTEN_MIB * MIB) as u64;
+    let layer = node.wait_writable_layer(&server, used_before + written * 9 / 10);
+    let used = layer.used_bytes.map_or(0, |u| u.value);
+    assert!(
+        used < used_before + written + LAYER_SLACK,
+        "the writable layer grew from {used_before} to {used} bytes for {written}: {layer:?}"
+    );
+    eprintln!(
+        "{WRITTEN_MIB} MiB written: writable layer {used_before} -> {used} bytes, \
+         state_dir {state_before} -> {state_after} bytes"
+    );
+    assert!(
+        layer.inodes_used.is_some_and(|i| i.value > 0),
+        "ContainerStats reports the writable layer's inodes: {layer:?}"
     );
 
     // The host reaches the pod's port at its pod IP.

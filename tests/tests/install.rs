@@ -78,6 +78,7 @@ fn install_puts_every_file_in_place_and_replaces_by_rename() {
         );
     }
     assert!(d.join("var/lib/peapod/layers").is_dir());
+    assert!(d.join("var/lib/peapod/pods").is_dir());
     let config = d.join("etc/peapod/config.toml");
     assert!(
         std::fs::read_to_string(&config)
