@@ -550,6 +550,10 @@ impl Pod {
                 .map_err(error::agent(format!("task {id}: StartContainer")))?
                 .pid);
         }
+        // The exec's stdio is held until it is attached: a CloseIO (containerd sends
+        // one as soon as the client's stdin ends, which may be before Start returns)
+        // then waits for the streams it closes.
+        let mut io = io.lock().await;
         let req = agent_proto::ExecProcessRequest {
             container_id: id.into(),
             exec_id: exec_id.into(),
@@ -565,7 +569,7 @@ impl Pod {
             .map_err(error::agent(what.clone()))?
             .pid;
         match ProcessIo::attach(&vm.paths.vsock_socket, id, exec_id, stdio).await {
-            Ok(attached) => *io.lock().await = attached,
+            Ok(attached) => *io = attached,
             Err(source) => {
                 let kill = agent_proto::SignalProcessRequest {
                     container_id: id.into(),
