@@ -347,19 +347,25 @@ impl LayerCache {
     /// collection deletes the lock file of an image it removes; a lock taken on a file
     /// deleted meanwhile protects nothing, so it is taken again on the new one.
     fn lock(&self, key: &str, how: libc::c_int) -> Result<File, RootfsError> {
-        let path = self.dir.join(format!("{key}.lock"));
         loop {
-            let lock = File::options()
-                .create(true)
-                .truncate(false)
-                .write(true)
-                .open(&path)
-                .map_err(|e| io_error("opening the layer cache's lock", &path, e))?;
-            flock(&lock, how).map_err(|e| io_error("locking", &path, e))?;
-            if self.still_linked(&lock, key) {
+            if let Some(lock) = self.lock_once(key, how)? {
                 return Ok(lock);
             }
         }
+    }
+
+    /// Opens the key's lock file and takes `how` on it; `None` if the file was deleted
+    /// (by a collection) meanwhile, when the lock protects nothing.
+    fn lock_once(&self, key: &str, how: libc::c_int) -> Result<Option<File>, RootfsError> {
+        let path = self.dir.join(format!("{key}.lock"));
+        let lock = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|e| io_error("opening the layer cache's lock", &path, e))?;
+        flock(&lock, how).map_err(|e| io_error("locking", &path, e))?;
+        Ok(self.still_linked(&lock, key).then_some(lock))
     }
 
     /// Whether `lock` is still the key's lock file (not deleted by a collection).
@@ -404,7 +410,7 @@ impl LayerCache {
             report.kept_bytes += bytes;
             let path = entry.path();
             // In use (a lease) or being built: leave it.
-            let Ok(lock) = self.try_lock_exclusive(key) else {
+            let Ok(Some(lock)) = self.lock_once(key, libc::LOCK_EX | libc::LOCK_NB) else {
                 continue;
             };
             let list = self.dir.join(format!("{key}.{LAYERS_EXT}"));
@@ -441,23 +447,6 @@ impl LayerCache {
         report.removed.push(image.to_path_buf());
         let _ = std::fs::remove_file(self.dir.join(format!("{key}.{LAYERS_EXT}")));
         let _ = std::fs::remove_file(self.dir.join(format!("{key}.lock")));
-    }
-
-    /// The key's exclusive lock if no one holds its lock file (no lease, no builder).
-    fn try_lock_exclusive(&self, key: &str) -> Result<File, ()> {
-        let path = self.dir.join(format!("{key}.lock"));
-        let lock = File::options()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .map_err(|_| ())?;
-        flock(&lock, libc::LOCK_EX | libc::LOCK_NB).map_err(|_| ())?;
-        if self.still_linked(&lock, key) {
-            Ok(lock)
-        } else {
-            Err(())
-        }
     }
 
     /// "erofs" if its program runs, else "ext4".
