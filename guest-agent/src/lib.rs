@@ -4,9 +4,11 @@
 pub mod cgroups;
 pub mod container;
 pub mod files;
+pub mod handshake;
 pub mod init;
 pub mod log;
 pub mod network;
+pub mod port_forward;
 pub mod process;
 pub mod sandbox;
 pub mod seccomp;

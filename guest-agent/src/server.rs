@@ -1,5 +1,6 @@
 //! The agent's service: the ttrpc API on vsock port 1024, the stdio streams on
-//! 1025, and the tasks that watch exits and OOM kills. One tokio thread runs it
+//! 1025, port forwarding on 1027 (`port_forward.rs`), and the tasks that watch exits
+//! and OOM kills. One tokio thread runs it
 //! all; libcontainer's blocking work goes to tokio's blocking pool.
 
 use std::collections::HashMap;
@@ -10,15 +11,15 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use peapod_agent_protocol::{self as proto, ttrpc, StdioHeader};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::sync::{mpsc, Notify};
-use tokio_vsock::{VsockAddr, VsockListener, VsockStream, VMADDR_CID_ANY};
+use tokio_vsock::VsockStream;
 use ttrpc::r#async::TtrpcContext;
 
 use crate::cgroups::OomWatcher;
 use crate::container::{Container, ContainerError, CreateRequest};
 use crate::process::Reaper;
-use crate::{lock, sandbox};
+use crate::{handshake, lock, sandbox};
 
 /// Files the host copies in (CopyFile) live here; bind mounts name them.
 pub const SHARED_DIR: &str = "/run/peapod/shared";
@@ -83,6 +84,7 @@ impl AgentService {
         });
         tokio::spawn(service.clone().watch_oom(oom_tx));
         tokio::spawn(service.clone().serve_stdio());
+        tokio::spawn(crate::port_forward::serve());
         Ok(service)
     }
 
@@ -139,36 +141,20 @@ impl AgentService {
     }
 
     async fn serve_stdio(self: Arc<Self>) {
-        let listener = match VsockListener::bind(VsockAddr::new(VMADDR_CID_ANY, proto::STDIO_PORT))
-        {
-            Ok(l) => l,
-            Err(e) => {
-                log::error!(
-                    "stdio: cannot listen on vsock port {}: {e}",
-                    proto::STDIO_PORT
-                );
-                return;
-            }
-        };
-        loop {
-            match listener.accept().await {
-                Ok((conn, _)) => {
-                    let this = self.clone();
-                    tokio::spawn(async move { this.attach(conn).await });
-                }
-                Err(e) => log::warn!("stdio: accept: {e}"),
-            }
-        }
+        handshake::serve(proto::STDIO_PORT, "stdio", move |conn| {
+            let this = self.clone();
+            async move { this.attach(conn).await }
+        })
+        .await
     }
 
     async fn attach(&self, mut conn: VsockStream) {
-        let header = match read_header(&mut conn).await {
+        let header = match handshake::read_header(&mut conn, proto::MAX_STDIO_HEADER)
+            .await
+            .and_then(|line| StdioHeader::parse(&line))
+        {
             Ok(h) => h,
-            Err(e) => {
-                log::warn!("stdio: {e}");
-                let _ = conn.write_all(format!("ERR {e}\n").as_bytes()).await;
-                return;
-            }
+            Err(e) => return handshake::refuse(&mut conn, "stdio", &e).await,
         };
         let end = self
             .container(&header.container_id)
@@ -183,10 +169,7 @@ impl AgentService {
                     }
                 }
             }
-            Err(e) => {
-                log::warn!("stdio: {e}");
-                let _ = conn.write_all(format!("ERR {e}\n").as_bytes()).await;
-            }
+            Err(e) => handshake::refuse(&mut conn, "stdio", &e).await,
         }
     }
 
@@ -199,27 +182,6 @@ impl AgentService {
             }
         }
     }
-}
-
-async fn read_header(conn: &mut VsockStream) -> Result<StdioHeader, String> {
-    let mut line = Vec::with_capacity(64);
-    let mut byte = [0u8; 1];
-    // Byte by byte: what follows the line is the stream's own (stdin) data.
-    loop {
-        match conn.read(&mut byte).await {
-            Ok(0) => return Err("the host closed the connection before its header".into()),
-            Ok(_) if byte[0] == b'\n' => break,
-            Ok(_) if line.len() >= proto::MAX_STDIO_HEADER => {
-                return Err(format!(
-                    "header longer than {} bytes",
-                    proto::MAX_STDIO_HEADER
-                ))
-            }
-            Ok(_) => line.push(byte[0]),
-            Err(e) => return Err(format!("reading the header: {e}")),
-        }
-    }
-    StdioHeader::parse(&String::from_utf8_lossy(&line))
 }
 
 fn unix_nanos(t: SystemTime) -> i64 {

@@ -37,6 +37,9 @@ pub use ttrpc;
 mod stdio;
 pub use stdio::{StdioHeader, StdioStream, MAX_HEADER as MAX_STDIO_HEADER};
 
+mod port_forward;
+pub use port_forward::{ForwardHeader, MAX_HEADER as MAX_FORWARD_HEADER};
+
 /// The protocol package this crate speaks; `Version` lists what an agent serves.
 pub const PROTOCOL: &str = "peapod.agent.v1";
 
@@ -46,3 +49,5 @@ pub const AGENT_PORT: u32 = 1024;
 pub const STDIO_PORT: u32 = 1025;
 /// vsock port from which the host reads the agent's log.
 pub const LOG_PORT: u32 = 1026;
+/// vsock port on which the host opens a TCP connection to the pod's loopback.
+pub const PORT_FORWARD_PORT: u32 = 1027;
