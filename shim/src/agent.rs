@@ -110,23 +110,36 @@ pub async fn attach(
         "attaching {stream} of {container_id}/{}",
         if exec_id.is_empty() { "-" } else { exec_id }
     );
-    let fail = |e: io::Error| io::Error::new(e.kind(), format!("{what}: {e}"));
-    let mut s = vsock_connect(uds, STDIO_PORT).await.map_err(fail)?;
     let header = StdioHeader {
         stream,
         container_id: container_id.into(),
         exec_id: exec_id.into(),
     };
-    s.write_all(header.encode().as_bytes())
+    open_stream(uds, STDIO_PORT, &header.encode(), MAX_STDIO_HEADER)
         .await
-        .map_err(fail)?;
-    let answer = read_line(&mut s, MAX_STDIO_HEADER).await.map_err(fail)?;
-    if answer == "OK" {
-        Ok(s)
-    } else {
-        Err(io::Error::other(format!(
-            "{what}: the agent answered {answer:?}"
-        )))
+        .map_err(|e| io::Error::new(e.kind(), format!("{what}: {e}")))
+}
+
+/// Opens a stream on one of the agent's stream ports: connects, writes `header`
+/// (newline included) and reads the agent's answer line, at most `max` bytes; the
+/// stream after `OK`. An `ERR` answer is a `ConnectionRefused` error carrying the
+/// agent's reason.
+pub async fn open_stream(
+    uds: &Path,
+    port: u32,
+    header: &str,
+    max: usize,
+) -> io::Result<UnixStream> {
+    let mut s = vsock_connect(uds, port).await?;
+    s.write_all(header.as_bytes()).await?;
+    let answer = read_line(&mut s, max).await?;
+    match answer.strip_prefix("ERR ") {
+        None if answer == "OK" => Ok(s),
+        Some(reason) => Err(io::Error::new(
+            io::ErrorKind::ConnectionRefused,
+            format!("the agent answered: {reason}"),
+        )),
+        None => Err(io::Error::other(format!("the agent answered {answer:?}"))),
     }
 }
 

@@ -174,7 +174,7 @@ pub fn detach(netns: &Path, veth: &str, tap_name: &str) -> Result<(), NetworkErr
 
 /// Runs `f` on a new thread inside the network namespace at `netns` and returns its
 /// result. With `missing_ok`, a namespace that no longer exists gives `None`.
-fn in_netns<T: Send + 'static>(
+pub(crate) fn in_netns<T: Send + 'static>(
     netns: &Path,
     missing_ok: bool,
     f: impl FnOnce() -> T + Send + 'static,
@@ -409,7 +409,40 @@ fn detach_here(netns: &Path, veth: &str, tap_name: &str) -> Result<(), NetworkEr
             r => r.map_err(fail(format!("deleting tap {tap_name}")))?,
         }
     }
+    // The port-forward redirect (`port_forward.rs`). Not a failure of the detach: a
+    // node without nf_tables never had it.
+    if let Err(e) = crate::nft::remove() {
+        log::warn!(
+            "network namespace {}: removing table inet {}: {e}",
+            netns.display(),
+            crate::nft::TABLE
+        );
+    }
     Ok(())
+}
+
+/// Bounds every read of a netlink `socket` by `timeout`.
+pub(crate) fn set_receive_timeout(socket: &Socket, timeout: Duration) -> io::Result<()> {
+    let timeout = libc::timeval {
+        tv_sec: timeout.as_secs() as libc::time_t,
+        tv_usec: timeout.subsec_micros() as libc::suseconds_t,
+    };
+    // SAFETY: SO_RCVTIMEO reads a timeval of the size given, which outlives the call;
+    // the socket is open.
+    let r = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&timeout as *const libc::timeval).cast(),
+            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }
 
 /// Opens `/dev/net/tun` and creates tap `name` on it, in the calling thread's network
@@ -477,24 +510,7 @@ impl Rtnl {
         // The kernel then says why a request failed, in words. Without it (kernels
         // before 4.12) errors are only less precise.
         let _ = socket.set_ext_ack(true);
-        let timeout = libc::timeval {
-            tv_sec: ANSWER_TIMEOUT.as_secs() as libc::time_t,
-            tv_usec: 0,
-        };
-        // SAFETY: SO_RCVTIMEO reads a timeval of the size given, which outlives the
-        // call; the socket is open.
-        let r = unsafe {
-            libc::setsockopt(
-                socket.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_RCVTIMEO,
-                (&timeout as *const libc::timeval).cast(),
-                std::mem::size_of::<libc::timeval>() as libc::socklen_t,
-            )
-        };
-        if r != 0 {
-            return Err(io::Error::last_os_error());
-        }
+        set_receive_timeout(&socket, ANSWER_TIMEOUT)?;
         Ok(Rtnl {
             socket,
             seq: 0,

@@ -25,6 +25,7 @@ use crate::cgroup::VmmCgroup;
 use crate::config::Config;
 use crate::error::{self, Result, ShimError};
 use crate::network::{self, PodNetwork};
+use crate::port_forward::PortForward;
 use crate::spec::{NetworkNamespace, OciSpec};
 use crate::state::{self, NetworkRecord, VmmRecord};
 use crate::vmm::{self, VmPaths, VmmApi};
@@ -59,6 +60,9 @@ pub struct SandboxVm {
     pub api: VmmApi,
     pub agent: AgentClient,
     network: Option<NetworkRecord>,
+    /// `kubectl port-forward`'s listeners in the pod's network namespace, until the
+    /// network is detached.
+    port_forward: std::sync::Mutex<Option<PortForward>>,
     /// Set when the VMM process has exited (for whatever reason).
     gone: watch::Receiver<bool>,
     slots: Mutex<BlockSlots>,
@@ -234,6 +238,19 @@ impl SandboxVm {
             .await
             .map_err(error::agent(format!("pod {sandbox_id}: CreateSandbox")))?;
         // Its network's fd went to the VMM; the names stay recorded.
+        let port_forward = match &network {
+            Some(net) => {
+                match PortForward::start(&net.netns, &paths.vsock_socket, sandbox_id).await {
+                    Ok(pf) => Some(pf),
+                    // The pod runs without it: port-forward is a tool, not the pod's work.
+                    Err(e) => {
+                        log::error!("pod {sandbox_id}: kubectl port-forward will not work: {e}");
+                        None
+                    }
+                }
+            }
+            None => None,
+        };
         drop(network);
         let vm = Arc::new(SandboxVm {
             pid,
@@ -243,6 +260,7 @@ impl SandboxVm {
             api,
             agent,
             network: made.network.clone(),
+            port_forward: std::sync::Mutex::new(port_forward),
             gone: gone_rx,
             slots: Mutex::new(BlockSlots::new(config.block_slots)),
         });
@@ -306,6 +324,14 @@ impl SandboxVm {
 
     /// The VMM is gone: its network plumbing goes too.
     pub async fn detach_network(&self) {
+        let port_forward = self
+            .port_forward
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(pf) = port_forward {
+            pf.stop().await;
+        }
         if let Some(n) = self.network.clone() {
             let _ = tokio::task::spawn_blocking(move || network::detach(&n.netns, &n.veth, &n.tap))
                 .await;
