@@ -221,6 +221,7 @@ impl CriClient {
         runtime.exec_sync(ExecSyncRequest) -> ExecSyncResponse;
         runtime.exec(ExecRequest) -> ExecResponse;
         runtime.attach(AttachRequest) -> AttachResponse;
+        runtime.port_forward(PortForwardRequest) -> PortForwardResponse;
         runtime.container_stats(ContainerStatsRequest) -> ContainerStatsResponse;
         runtime.update_container_resources(UpdateContainerResourcesRequest)
             -> UpdateContainerResourcesResponse;
@@ -353,6 +354,90 @@ pub fn exec_stream(
         }
         Some(s) => exit_code_of_status(&s)?,
     };
+    Ok(out)
+}
+
+/// What a port-forward stream carried back.
+#[derive(Debug, Default)]
+pub struct Forwarded {
+    /// The bytes the pod's server sent.
+    pub data: Vec<u8>,
+    /// What the server wrote on the error channel (empty if nothing went wrong).
+    pub error: String,
+    /// From sending the request to the first byte of data.
+    pub first_byte: Option<Duration>,
+}
+
+/// One connection through the port-forward behind `url` (a `PortForwardResponse.url`
+/// for one port), as `kubectl port-forward` makes it over a websocket: sends `request`
+/// on the port's data channel (0), then reads channel 0 (data) and 1 (errors) until
+/// the server closes. Each channel's first message is the port, little-endian, which
+/// is checked against `port`.
+pub fn port_forward_stream(
+    url: &str,
+    port: u16,
+    request: &[u8],
+    timeout: Duration,
+) -> Result<Forwarded, String> {
+    use tungstenite::Message;
+    let mut ws = open_stream(url)?;
+    let sent = Instant::now();
+    ws.send(on_channel(0, request))
+        .map_err(|e| format!("port-forward {url}: sending: {e}"))?;
+    let deadline = sent + timeout;
+    let mut out = Forwarded::default();
+    let mut announced = [false; 2];
+    let mut error = Vec::new();
+    loop {
+        if Instant::now() > deadline {
+            return Err(format!(
+                "port-forward {url}: not closed within {timeout:?}; {} bytes so far",
+                out.data.len()
+            ));
+        }
+        let msg = match ws.read() {
+            Ok(m) => m,
+            Err(tungstenite::Error::Io(e))
+                if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) =>
+            {
+                continue
+            }
+            Err(
+                tungstenite::Error::ConnectionClosed
+                | tungstenite::Error::AlreadyClosed
+                | tungstenite::Error::Protocol(_),
+            ) => break,
+            Err(e) => return Err(format!("port-forward {url}: {e}")),
+        };
+        let b = match msg {
+            Message::Binary(b) if !b.is_empty() => b,
+            Message::Close(_) => break,
+            _ => continue,
+        };
+        let channel = usize::from(b[0]);
+        if channel > 1 {
+            return Err(format!(
+                "port-forward {url}: a message on channel {channel}"
+            ));
+        }
+        if !announced[channel] {
+            if b[1..] != port.to_le_bytes() {
+                return Err(format!(
+                    "port-forward {url}: channel {channel} announced {:?}, not port {port}",
+                    &b[1..]
+                ));
+            }
+            announced[channel] = true;
+            continue;
+        }
+        if channel == 0 {
+            out.first_byte.get_or_insert_with(|| sent.elapsed());
+            out.data.extend_from_slice(&b[1..]);
+        } else {
+            error.extend_from_slice(&b[1..]);
+        }
+    }
+    out.error = String::from_utf8_lossy(&error).into_owned();
     Ok(out)
 }
 

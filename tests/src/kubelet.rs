@@ -20,7 +20,7 @@ use k8s_cri::v1::*;
 
 use crate::cni::CniNetwork;
 use crate::containerd::{Containerd, ContainerdOptions, CRI_NAMESPACE};
-use crate::cri::{CriClient, CriConfig};
+use crate::cri::{port_forward_stream, CriClient, CriConfig, Forwarded};
 use crate::leftovers::{assert_no_leftovers_within, HostFilter, HostState};
 use crate::oci_image::{busybox_image_tar, pause_image_tar};
 
@@ -425,6 +425,26 @@ impl Node {
             .unwrap_or_else(|e| panic!("pod {}: {e}", pod.name))
             .status
             .unwrap_or_else(|| panic!("pod {}: PodSandboxStatus without a status", pod.name))
+    }
+
+    /// The URL of a port-forward to `port` of `pod` (the kubelet's CRI call for
+    /// `kubectl port-forward`); each URL serves one connection.
+    pub fn port_forward_url(&self, pod: &Pod, port: u16) -> String {
+        self.cri
+            .port_forward(PortForwardRequest {
+                pod_sandbox_id: pod.id.clone(),
+                port: vec![port.into()],
+            })
+            .unwrap_or_else(|e| panic!("pod {}: PortForward to {port}: {e}", pod.name))
+            .url
+    }
+
+    /// One connection of `kubectl port-forward` to `port` of `pod`: sends `request`
+    /// and returns what came back until the server closed.
+    pub fn port_forward(&self, pod: &Pod, port: u16, request: &[u8]) -> Forwarded {
+        let url = self.port_forward_url(pod, port);
+        port_forward_stream(&url, port, request, CONTAINER_TIMEOUT)
+            .unwrap_or_else(|e| panic!("pod {}: {e}", pod.name))
     }
 
     /// The pod's IP from PodSandboxStatus, checked to be in the CNI network.

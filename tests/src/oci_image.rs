@@ -189,9 +189,15 @@ fn oci_arch() -> &'static str {
 }
 
 fn sha256(data: &[u8]) -> String {
-    let d = Sha256::digest(data);
-    let hex: String = d.iter().map(|b| format!("{b:02x}")).collect();
-    format!("sha256:{hex}")
+    format!("sha256:{}", sha256_hex(data))
+}
+
+/// The SHA-256 of `data`, in lower-case hex (as `sha256sum` prints it).
+pub fn sha256_hex(data: &[u8]) -> String {
+    Sha256::digest(data)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// The applets the busybox binary lists (`busybox --list`).

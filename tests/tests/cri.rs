@@ -16,10 +16,10 @@ use k8s_cri::v1::*;
 use peapod_tests::containerd::{
     ContainerdOptions, ContainerdRelease, STOP_DEADLINE_SECS, VMM_NAME,
 };
-use peapod_tests::cri::{exec_stream, AttachedTerminal, PEAPOD_HANDLER};
+use peapod_tests::cri::{exec_stream, port_forward_stream, AttachedTerminal, PEAPOD_HANDLER};
 use peapod_tests::kubelet::{ContainerSpec, Node, CONTAINER_TIMEOUT};
 use peapod_tests::leftovers::pod_processes;
-use peapod_tests::oci_image::{layered_image_tar, HELLO_PATH, STACK_DIR};
+use peapod_tests::oci_image::{layered_image_tar, sha256_hex, HELLO_PATH, STACK_DIR};
 use peapod_tests::{
     allocated_bytes, guest_kernel_release, host_kernel_release, read_until_closed, require_kvm,
 };
@@ -60,6 +60,15 @@ const LOCALHOST_PROFILE: &str = r#"{
 }"#;
 
 /// The many-layered image the web pod runs, and its number of layers.
+/// A server bound to the guest's loopback only, for `kubectl port-forward`.
+const LOCAL_PORT: u16 = 8090;
+/// A port nothing listens on in the guest.
+const CLOSED_PORT: u16 = 8091;
+const LOCAL_PAGE: &str = "a-page-from-the-pod-loopback";
+const BIG_BYTES: usize = 16 << 20;
+const MID_BYTES: usize = 1 << 20;
+/// Concurrent port-forward connections.
+const STREAMS: usize = 8;
 const DEEP_IMAGE: &str = "docker.io/peapod/deep:test";
 const DEEP_LAYERS: usize = 40;
 
@@ -239,6 +248,81 @@ fn a_kubelet_runs_peapod_pods_beside_runc() {
     // The host reaches the pod's port at its pod IP.
     let from_host = read_until_closed(SocketAddr::from((web_ip, WEB_PORT)), CONTAINER_TIMEOUT);
     assert_eq!(from_host.trim(), WEB_REPLY, "host -> web pod");
+
+    // `kubectl port-forward` to a server that listens only on the loopback in the
+    // guest, started after the pod: a page, 16 MiB byte-exact, 8 connections at
+    // once, and a closed port.
+    let local = node.run_container(
+        &web,
+        &ContainerSpec::shell(
+            "local",
+            &format!(
+                "mkdir -p /www && echo {LOCAL_PAGE} > /www/index.html && \
+                 head -c {BIG_BYTES} /dev/urandom > /www/big && \
+                 head -c {MID_BYTES} /dev/urandom > /www/mid && \
+                 exec httpd -f -p 127.0.0.1:{LOCAL_PORT} -h /www"
+            ),
+        ),
+    );
+    node.exec_ok(
+        &local,
+        &format!(
+            "until wget -q -O /dev/null http://127.0.0.1:{LOCAL_PORT}/index.html; do \
+             sleep 0.2; done"
+        ),
+    );
+    let page = node.port_forward(&web, LOCAL_PORT, &http_get("/index.html"));
+    assert_eq!(
+        http_body(&page.data),
+        format!("{LOCAL_PAGE}\n").as_bytes(),
+        "the page through port-forward: {page:?}"
+    );
+    let sha_in_guest = |file: &str| node.exec_ok(&local, &format!("sha256sum {file} | cut -c1-64"));
+    let big = node.port_forward(&web, LOCAL_PORT, &http_get("/big"));
+    assert_eq!(
+        (http_body(&big.data).len(), sha256_hex(http_body(&big.data))),
+        (BIG_BYTES, sha_in_guest("/www/big")),
+        "16 MiB through port-forward, byte-exact (error channel: {:?})",
+        big.error
+    );
+    let urls: Vec<String> = (0..STREAMS)
+        .map(|_| node.port_forward_url(&web, LOCAL_PORT))
+        .collect();
+    let streams: Vec<_> = urls
+        .into_iter()
+        .map(|url| {
+            std::thread::spawn(move || {
+                port_forward_stream(&url, LOCAL_PORT, &http_get("/mid"), CONTAINER_TIMEOUT)
+            })
+        })
+        .collect();
+    let want = sha_in_guest("/www/mid");
+    for (i, s) in streams.into_iter().enumerate() {
+        let got = s
+            .join()
+            .expect("a port-forward thread")
+            .expect("a port-forward");
+        assert_eq!(
+            sha256_hex(http_body(&got.data)),
+            want,
+            "concurrent port-forward {i}: {} bytes, error channel {:?}",
+            got.data.len(),
+            got.error
+        );
+    }
+    let closed_at = Instant::now();
+    let closed = node.port_forward(&web, CLOSED_PORT, &http_get("/"));
+    assert!(
+        closed.data.is_empty() && !closed.error.is_empty(),
+        "a port-forward to a closed port ends with an error: {closed:?}"
+    );
+    eprintln!(
+        "port-forward: {} bytes; first byte after {:?}; a closed port ended in {:?}: {}",
+        big.data.len(),
+        big.first_byte,
+        closed_at.elapsed(),
+        closed.error
+    );
 
     // An image of 40 layers runs, as one merged disk: later layers' whiteouts and
     // files apply, and the VM's disk slots do not grow with the layers.
@@ -657,4 +741,28 @@ fn pod_life_on(release: ContainerdRelease, major: u32) {
     node.wait_container_state(&main, ContainerState::ContainerExited);
     node.remove_pod(&pod);
     node.finish();
+}
+
+/// An HTTP/1.0 GET of `path` (the server closes when it has answered).
+fn http_get(path: &str) -> Vec<u8> {
+    format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").into_bytes()
+}
+
+/// The body of an HTTP response, checked to be a 200.
+fn http_body(response: &[u8]) -> &[u8] {
+    let end = response
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .unwrap_or_else(|| {
+            panic!(
+                "not an HTTP response: {:?}",
+                String::from_utf8_lossy(&response[..response.len().min(200)])
+            )
+        });
+    let head = String::from_utf8_lossy(&response[..end]);
+    assert!(
+        head.starts_with("HTTP/1.") && head.lines().next().unwrap_or("").contains(" 200 "),
+        "not a 200: {head}"
+    );
+    &response[end + 4..]
 }
