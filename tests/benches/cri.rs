@@ -9,19 +9,25 @@
 //!   cost together), the VMM's RSS outside guest RAM, and the idle CPU of shim and VMM;
 //! - the per-pod overhead to declare in the RuntimeClass (`overhead.podFixed`): the
 //!   guest memory the shim adds to a pod's limit plus what its shim and VMM hold outside
-//!   guest RAM.
+//!   guest RAM;
+//! - `kubectl port-forward`: time to the first byte and throughput of a 16 MiB HTTP
+//!   transfer through CRI's port-forward, against the same transfer from the host to
+//!   the pod IP, for a peapod pod and a runc pod (`PEAPOD_BENCH_RUNS` rounds, medians).
 //!
 //! `make bench`, or `cargo bench -p peapod-tests --bench cri` as root with the artefacts
 //! in the environment (as `make test` sets them).
 
 use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use peapod_tests::cpu_time_of;
-use peapod_tests::cri::PEAPOD_HANDLER;
+use peapod_tests::cri::{port_forward_stream, PEAPOD_HANDLER};
 use peapod_tests::kubelet::{ContainerSpec, Node, Pod};
 use peapod_tests::leftovers::HostState;
 use peapod_tests::memory::{pss_kib, rss_outside_guest_kib};
+use peapod_tests::oci_image::{pseudo_random, www_image_tar, WWW_DIR};
 
 const SHIM: &str = "containerd-shim-peapod-v2";
 const RUNC_SHIM: &str = "containerd-shim-runc-v2";
@@ -31,6 +37,11 @@ const VMM: &str = "peapod-vmm";
 const GUEST_OVERHEAD_MIB: u64 = 64;
 /// How long idle pods are watched for their CPU use.
 const IDLE_WINDOW: Duration = Duration::from_secs(10);
+/// The port-forward transfer: a file of this size from a busybox httpd on this port.
+const TRANSFER_BYTES: usize = 16 << 20;
+const HTTP_PORT: u16 = 8090;
+const WWW_IMAGE: &str = "docker.io/peapod/www:bench";
+const GET_BIG: &[u8] = b"GET /big HTTP/1.0\r\nHost: localhost\r\n\r\n";
 
 fn median(mut v: Vec<Duration>) -> Duration {
     v.sort();
@@ -104,12 +115,109 @@ fn mib(kib: u64) -> f64 {
     kib as f64 / 1024.0
 }
 
+/// Time to the first byte and the whole transfer of one answer to `GET_BIG`.
+#[derive(Clone, Copy)]
+struct Transfer {
+    first_byte: Duration,
+    total: Duration,
+}
+
+/// `GET_BIG` from the host straight to `addr` (the pod IP).
+fn direct(addr: SocketAddr) -> Transfer {
+    let t0 = Instant::now();
+    let mut s = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connecting to {addr}: {e}"));
+    s.write_all(GET_BIG).unwrap();
+    let mut buf = vec![0u8; 256 << 10];
+    let (mut got, mut first) = (0usize, None);
+    loop {
+        let n = s.read(&mut buf).unwrap();
+        if n == 0 {
+            break;
+        }
+        first.get_or_insert_with(|| t0.elapsed());
+        got += n;
+    }
+    assert!(got > TRANSFER_BYTES, "{addr}: {got} bytes");
+    Transfer {
+        first_byte: first.unwrap(),
+        total: t0.elapsed(),
+    }
+}
+
+/// `GET_BIG` through CRI's port-forward to `HTTP_PORT` of `pod` (the URL is asked for
+/// first and not timed: kubectl holds its stream open across connections).
+fn forwarded(node: &Node, pod: &Pod) -> Transfer {
+    let url = node.port_forward_url(pod, HTTP_PORT);
+    let t0 = Instant::now();
+    let f = port_forward_stream(&url, HTTP_PORT, GET_BIG, Duration::from_secs(300))
+        .unwrap_or_else(|e| panic!("pod {}: {e}", pod.name));
+    assert!(f.data.len() > TRANSFER_BYTES, "pod {}: {f:?}", pod.name);
+    Transfer {
+        first_byte: f.first_byte.unwrap(),
+        total: t0.elapsed(),
+    }
+}
+
+/// Port-forward against the pod IP, for each handler, rounds alternating.
+fn port_forward_figures(node: &Node, runs: usize) {
+    let big = pseudo_random(TRANSFER_BYTES, 16);
+    let (tar, image) = www_image_tar(node.scratch_dir(), WWW_IMAGE, &[("big", &big)]);
+    node.import_image(&tar, image);
+    let port = HTTP_PORT.to_string();
+    let serve =
+        ContainerSpec::new("httpd", &["httpd", "-f", "-p", &port, "-h", WWW_DIR]).image(image);
+    let pods: Vec<(&str, Pod)> = ["", PEAPOD_HANDLER]
+        .into_iter()
+        .map(|h| {
+            let pod = node.run_pod(&format!("forward-{}", handler_name(h)), h);
+            let c = node.run_container(&pod, &serve);
+            node.exec_ok(
+                &c,
+                &format!(
+                    "until wget -q -O /dev/null http://127.0.0.1:{HTTP_PORT}/big; do sleep 0.2; done"
+                ),
+            );
+            (handler_name(h), pod)
+        })
+        .collect();
+    let mut rows: BTreeMap<(&str, &str), Vec<Transfer>> = BTreeMap::new();
+    for _ in 0..runs {
+        for (name, pod) in &pods {
+            let ip = node.pod_ip(pod);
+            rows.entry((name, "pod IP"))
+                .or_default()
+                .push(direct((ip, HTTP_PORT).into()));
+            rows.entry((name, "port-forward"))
+                .or_default()
+                .push(forwarded(node, pod));
+        }
+    }
+    println!(
+        "\nkubectl port-forward: a {} MiB HTTP transfer (median of {runs}):",
+        TRANSFER_BYTES >> 20
+    );
+    println!("  pod    | path         | first byte | whole      | throughput");
+    for ((name, path), t) in &rows {
+        let first = median(t.iter().map(|t| t.first_byte).collect());
+        let total = median(t.iter().map(|t| t.total).collect());
+        println!(
+            "  {name:6} | {path:12} | {first:>10.2?} | {total:>10.2?} | {:6.1} MiB/s",
+            (TRANSFER_BYTES >> 20) as f64 / total.as_secs_f64()
+        );
+    }
+    for (_, pod) in &pods {
+        node.remove_pod(pod);
+    }
+}
+
 fn main() {
     let runs: usize = std::env::var("PEAPOD_BENCH_RUNS")
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(3);
     let node = Node::start();
+
+    port_forward_figures(&node, runs);
 
     // Start latency, rounds alternating so that both see the same machine.
     let mut times: BTreeMap<&str, Vec<Duration>> = BTreeMap::new();

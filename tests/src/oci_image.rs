@@ -90,6 +90,43 @@ pub fn layered_image_tar(
     image_tar_of(dir, reference, &["sh"], all)
 }
 
+/// Where a [`www_image_tar`] image keeps its files (busybox `httpd -h /www`).
+pub const WWW_DIR: &str = "/www";
+
+/// Writes the OCI-layout tarball of the busybox image with one more layer holding
+/// `files` (name under [`WWW_DIR`], content) into `dir`; returns its path and
+/// `reference`. Data made on the host: the guest's kernel, emulated on our hosts,
+/// would take minutes to write them.
+pub fn www_image_tar(
+    dir: &Path,
+    reference: &'static str,
+    files: &[(&str, &[u8])],
+) -> (PathBuf, &'static str) {
+    let www = WWW_DIR.trim_start_matches('/');
+    let mut t = TarWriter::new();
+    t.dir(www);
+    for (name, data) in files {
+        t.file(&format!("{www}/{name}"), data, 0o644);
+    }
+    let layers = vec![busybox_layer(), app_layer(), t.finish()];
+    image_tar_of(dir, reference, &["sh"], layers)
+}
+
+/// `n` bytes with no pattern a lost, repeated or reordered piece could hide in
+/// (xorshift64*), the same for the same `seed`.
+pub fn pseudo_random(n: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    let mut out = Vec::with_capacity(n + 8);
+    while out.len() < n {
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        out.extend_from_slice(&x.wrapping_mul(0x2545_f491_4f6c_dd1d).to_le_bytes());
+    }
+    out.truncate(n);
+    out
+}
+
 /// The OCI-layout tarball of an image named `reference` with the two layers and `cmd`.
 fn image_tar(dir: &Path, reference: &'static str, cmd: &[&str]) -> (PathBuf, &'static str) {
     image_tar_of(dir, reference, cmd, vec![busybox_layer(), app_layer()])
