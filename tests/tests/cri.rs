@@ -581,7 +581,8 @@ fn a_kubelet_runs_peapod_pods_beside_runc() {
 
 /// A service mesh's pod, as Istio's init container makes it: an init container with
 /// NET_ADMIN and NET_RAW installs REDIRECT rules (nat PREROUTING with
-/// `iptables-legacy`, nat OUTPUT with `iptables-nft`) and exits; then the app's port
+/// `iptables-legacy`, nat OUTPUT with `iptables-nft`), and those of Istio's TPROXY
+/// mode and DNS capture, and exits; then the app's port
 /// answers on the redirected port, to the host and to the app's own outbound
 /// connections. The pod's privileged container makes a bridge, a veth on it and a tun
 /// device, as network tools do.
@@ -590,20 +591,29 @@ fn a_mesh_pod_redirects_and_its_privileged_container_makes_links(node: &Node) {
     node.import_image(&tar, image);
     let mesh = node.run_privileged_pod("mesh", PEAPOD_HANDLER);
     let mesh_ip = node.pod_ip(&mesh);
+    // The REDIRECTs carry the test's traffic. Istio's TPROXY mode (socket match,
+    // TPROXY, a fwmark routing table) and its DNS capture (a CT zone by owner) are
+    // only installed: the kernel must take them.
+    let rules = format!(
+        "iptables-legacy -t nat -A PREROUTING -p tcp --dport {MESH_PORT} \
+           -j REDIRECT --to-ports {WEB_PORT} && \
+         iptables-nft -t nat -A OUTPUT -p tcp -d {MESH_CAPTURED} --dport {MESH_PORT} \
+           -j REDIRECT --to-ports {WEB_PORT} && \
+         iptables-nft -t mangle -A PREROUTING -p tcp --dport 81 -m socket \
+           -j MARK --set-mark 1337 && \
+         iptables-nft -t mangle -A PREROUTING -p tcp --dport 82 \
+           -j TPROXY --on-port 15006 --tproxy-mark 1337 && \
+         iptables-legacy -t raw -A OUTPUT -p udp --dport 53 -m owner --uid-owner 1337 \
+           -j CT --zone 1 && \
+         ip rule add fwmark 1337 lookup 133 && \
+         ip route add local 0.0.0.0/0 dev lo table 133 && echo rules-installed"
+    );
     let init = node.run_container(
         &mesh,
-        &ContainerSpec::shell(
-            "mesh-init",
-            &format!(
-                "iptables-legacy -t nat -A PREROUTING -p tcp --dport {MESH_PORT} \
-                   -j REDIRECT --to-ports {WEB_PORT} && \
-                 iptables-nft -t nat -A OUTPUT -p tcp -d {MESH_CAPTURED} --dport {MESH_PORT} \
-                   -j REDIRECT --to-ports {WEB_PORT} && echo rules-installed"
-            ),
-        )
-        .image(image)
-        .add_capability("NET_ADMIN")
-        .add_capability("NET_RAW"),
+        &ContainerSpec::shell("mesh-init", &rules)
+            .image(image)
+            .add_capability("NET_ADMIN")
+            .add_capability("NET_RAW"),
     );
     let exited = node.wait_container_state(&init, ContainerState::ContainerExited);
     let log = cri_log_lines(&init.log_path);
