@@ -17,6 +17,9 @@ pkgs+=(containerd)
 # The CRI tests: pods get their network from the CNI plugins (bridge, host-local), and
 # the CRI client (k8s-cri) is generated from the CRI proto at build time by protoc.
 pkgs+=(containernetworking-plugins protobuf-compiler)
+# The CRI test's service-mesh pod runs the host's iptables-nft and iptables-legacy
+# (with their libraries) in its image.
+pkgs+=(iptables)
 # Benchmarks: QEMU is the boot benchmark's peer; strace counts the agent's system
 # calls in the guest.
 [ "${1:-}" = bench ] && pkgs+=(qemu-system-x86 strace)

@@ -64,6 +64,8 @@ pub struct ContainerSpec {
     pub interactive: bool,
     /// The image; the node's test image ([`Node::image`]) if `None`.
     pub image: Option<String>,
+    /// `securityContext.privileged` (its pod must be privileged too).
+    pub privileged: bool,
 }
 
 impl ContainerSpec {
@@ -77,6 +79,7 @@ impl ContainerSpec {
             add_capabilities: Vec::new(),
             interactive: false,
             image: None,
+            privileged: false,
         }
     }
 
@@ -132,12 +135,24 @@ impl ContainerSpec {
         self
     }
 
+    /// `securityContext.privileged: true`: every capability, no seccomp profile, no
+    /// masked or read-only paths (the kubelet sends none for a privileged container).
+    pub fn privileged(mut self) -> Self {
+        self.privileged = true;
+        self
+    }
+
     /// The security context the kubelet sends for this container: its namespaces,
-    /// the default masked and read-only /proc and /sys paths, and the seccomp
-    /// profile, Unconfined unless the pod asks for one (the kubelet's default
-    /// without `--seccomp-default`).
+    /// the default masked and read-only /proc and /sys paths (none if privileged),
+    /// and the seccomp profile, Unconfined unless the pod asks for one (the kubelet's
+    /// default without `--seccomp-default`).
     fn security_context(&self) -> LinuxContainerSecurityContext {
+        let paths = |list: &[&str]| match self.privileged {
+            true => Vec::new(),
+            false => list.iter().map(|p| p.to_string()).collect(),
+        };
         LinuxContainerSecurityContext {
+            privileged: self.privileged,
             capabilities: (!self.add_capabilities.is_empty()).then(|| Capability {
                 add_capabilities: self.add_capabilities.clone(),
                 ..Default::default()
@@ -148,11 +163,8 @@ impl ContainerSpec {
                 ipc: NamespaceMode::Pod as i32,
                 ..Default::default()
             }),
-            masked_paths: KUBELET_MASKED_PATHS.iter().map(|p| p.to_string()).collect(),
-            readonly_paths: KUBELET_READONLY_PATHS
-                .iter()
-                .map(|p| p.to_string())
-                .collect(),
+            masked_paths: paths(KUBELET_MASKED_PATHS),
+            readonly_paths: paths(KUBELET_READONLY_PATHS),
             seccomp: Some(self.seccomp.clone().unwrap_or(SecurityProfile {
                 profile_type: security_profile::ProfileType::Unconfined as i32,
                 localhost_ref: String::new(),
@@ -368,7 +380,28 @@ impl Node {
     /// RunPodSandbox of a pod named `name` with runtime handler `handler`; returns
     /// once it is SANDBOX_READY. Reruns only after the host's busybox fault.
     pub fn run_pod(&self, name: &str, handler: &str) -> Pod {
-        let config = self.pod_config(name);
+        self.run_pod_of(self.pod_config(name), handler)
+    }
+
+    /// [`Node::run_pod`] of a pod with `securityContext.privileged` (what a pod with a
+    /// privileged container has: CRI refuses such a container in any other pod).
+    pub fn run_privileged_pod(&self, name: &str, handler: &str) -> Pod {
+        let mut config = self.pod_config(name);
+        config
+            .linux
+            .as_mut()
+            .and_then(|l| l.security_context.as_mut())
+            .expect("the pod config has a security context")
+            .privileged = true;
+        self.run_pod_of(config, handler)
+    }
+
+    fn run_pod_of(&self, config: PodSandboxConfig, handler: &str) -> Pod {
+        let name = config
+            .metadata
+            .as_ref()
+            .map(|m| m.name.clone())
+            .unwrap_or_default();
         let id = self.ctd.retry_platform_faults(
             &format!("RunPodSandbox {name} (handler {handler:?})"),
             || {
@@ -383,7 +416,7 @@ impl Node {
         );
         let pod = Pod {
             id,
-            name: name.into(),
+            name: name.clone(),
             handler: handler.into(),
             config,
         };

@@ -1,7 +1,8 @@
 //! A container image the shim tests build themselves, with no registry: an OCI
 //! image-layout tarball for `ctr images import`, holding two uncompressed layers (and a
-//! pause image for CRI's sandboxes: the same layers, `sleep` as its command; and
-//! images of many layers on top of the same two, [`layered_image_tar`]).
+//! pause image for CRI's sandboxes: the same layers, `sleep` as its command; images of
+//! many layers on top of the same two, [`layered_image_tar`]; and one with the host's
+//! iptables on top, [`iptables_image_tar`]).
 //!
 //! - layer 1: Debian's busybox-static as `/bin/busybox`, a link in /bin for every applet
 //!   it lists, the usual mount points, a minimal /etc/passwd and /etc/group;
@@ -10,6 +11,7 @@
 //! Entries carry mtime 0 and are written in a fixed order, so the digests are the same
 //! from one build to the next.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -46,6 +48,102 @@ pub fn busybox_image_tar(dir: &Path) -> (PathBuf, &'static str) {
 /// (and peapod's layer cache) holds them once.
 pub fn pause_image_tar(dir: &Path) -> (PathBuf, &'static str) {
     image_tar(dir, PAUSE_IMAGE_REF, &PAUSE_CMD)
+}
+
+/// The name of the image [`iptables_image_tar`] writes.
+pub const IPTABLES_IMAGE_REF: &str = "docker.io/peapod/iptables:test";
+/// The host's iptables programs the iptables image carries, in `/usr/bin` (each
+/// multi-call binary picks its mode by the name it is run as); install them with
+/// Debian's `iptables` package.
+const XTABLES_PROGRAMS: [(&str, &str); 2] = [
+    ("/usr/sbin/xtables-nft-multi", "iptables-nft"),
+    ("/usr/sbin/xtables-legacy-multi", "iptables-legacy"),
+];
+
+/// Writes the OCI-layout tarball of the busybox image with a third layer holding the
+/// host's `iptables-nft` and `iptables-legacy` (what a service mesh's init container
+/// runs), their shared libraries and their extensions, into `dir`; returns its path
+/// and name ([`IPTABLES_IMAGE_REF`]). Copied from the host's installed package, with
+/// the library paths `ldd` names, so no registry or package download is involved.
+pub fn iptables_image_tar(dir: &Path) -> (PathBuf, &'static str) {
+    let layers = vec![busybox_layer(), app_layer(), iptables_layer()];
+    image_tar_of(dir, IPTABLES_IMAGE_REF, &["sh"], layers)
+}
+
+fn iptables_layer() -> Vec<u8> {
+    let mut files: BTreeMap<PathBuf, Vec<u8>> = BTreeMap::new();
+    let mut read = |path: &Path, as_path: PathBuf| {
+        let bytes = std::fs::read(path).unwrap_or_else(|e| {
+            panic!(
+                "reading {}: {e} (install Debian's iptables: .ci/install-deps.sh does)",
+                path.display()
+            )
+        });
+        files.insert(as_path, bytes);
+    };
+    let mut libraries = BTreeSet::new();
+    for (program, name) in XTABLES_PROGRAMS {
+        read(Path::new(program), Path::new("usr/bin").join(name));
+        libraries.extend(shared_libraries(Path::new(program)));
+    }
+    // The extensions (targets, matches) are loaded from libxtables' directory.
+    let xtables = libraries
+        .iter()
+        .find(|l| {
+            l.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("libxtables.so"))
+        })
+        .and_then(|l| std::fs::canonicalize(l).ok())
+        .and_then(|l| l.parent().map(|d| d.join("xtables")))
+        .expect("iptables links libxtables");
+    for entry in std::fs::read_dir(&xtables)
+        .unwrap_or_else(|e| panic!("reading {}: {e}", xtables.display()))
+        .flatten()
+    {
+        read(&entry.path(), relative(&entry.path()));
+    }
+    for library in &libraries {
+        read(library, relative(library));
+    }
+    let mut dirs: BTreeSet<PathBuf> = files
+        .keys()
+        .flat_map(|f| f.ancestors().skip(1))
+        .filter(|d| !d.as_os_str().is_empty())
+        .map(Path::to_path_buf)
+        .collect();
+    // iptables-legacy takes its lock in /run.
+    dirs.insert("run".into());
+    let mut t = TarWriter::new();
+    for d in &dirs {
+        t.dir(&d.to_string_lossy());
+    }
+    for (path, bytes) in &files {
+        t.file(&path.to_string_lossy(), bytes, 0o755);
+    }
+    t.finish()
+}
+
+/// The shared libraries `ldd` says `program` loads, the dynamic loader included.
+fn shared_libraries(program: &Path) -> Vec<PathBuf> {
+    let out = Command::new("ldd")
+        .arg(program)
+        .output()
+        .unwrap_or_else(|e| panic!("running ldd {}: {e}", program.display()));
+    assert!(out.status.success(), "ldd {} failed", program.display());
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| {
+            // "libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x...)" or
+            // "/lib64/ld-linux-x86-64.so.2 (0x...)"; the vDSO has no path.
+            let path = l.split("=>").last()?.split_whitespace().next()?;
+            path.starts_with('/').then(|| PathBuf::from(path))
+        })
+        .collect()
+}
+
+/// `path` without its leading `/`, as a tar entry names it.
+fn relative(path: &Path) -> PathBuf {
+    path.strip_prefix("/").unwrap_or(path).to_path_buf()
 }
 
 /// The directory each layer of a [`layered_image_tar`] image above the first two adds

@@ -17,10 +17,11 @@ use peapod_tests::containerd::{
     ContainerdOptions, ContainerdRelease, STOP_DEADLINE_SECS, VMM_NAME,
 };
 use peapod_tests::cri::{exec_stream, port_forward_stream, AttachedTerminal, PEAPOD_HANDLER};
-use peapod_tests::kubelet::{ContainerSpec, Node, CONTAINER_TIMEOUT};
+use peapod_tests::kubelet::{cri_log_lines, ContainerSpec, Node, CONTAINER_TIMEOUT};
 use peapod_tests::leftovers::pod_processes;
 use peapod_tests::oci_image::{
-    layered_image_tar, pseudo_random, www_image_tar, HELLO_PATH, STACK_DIR, WWW_DIR,
+    iptables_image_tar, layered_image_tar, pseudo_random, www_image_tar, HELLO_PATH, STACK_DIR,
+    WWW_DIR,
 };
 use peapod_tests::{
     allocated_bytes, guest_kernel_release, host_kernel_release, read_until_closed, require_kvm,
@@ -77,6 +78,13 @@ const STREAMS: usize = 8;
 const PROBES: usize = 20;
 const HOST_FD_SLACK: usize = 4;
 const GUEST_FILE_SLACK: i64 = 8;
+/// The port a service mesh's init container redirects to the app's port ([`WEB_PORT`]),
+/// as a sidecar's rules send traffic to its proxy; an address nothing answers at
+/// (TEST-NET-1), whose connections the OUTPUT rule captures; and what the app answers.
+const MESH_PORT: u16 = 80;
+const MESH_CAPTURED: &str = "192.0.2.80";
+const MESH_REPLY: &str = "hi-through-the-redirect";
+
 /// The many-layered image the web pod runs, and its number of layers.
 const DEEP_IMAGE: &str = "docker.io/peapod/deep:test";
 /// The port-forward server's image: busybox and the files it serves.
@@ -686,6 +694,10 @@ fn a_kubelet_runs_peapod_pods_beside_runc() {
         })
         .expect("RemoveContainer");
 
+    // A service mesh's pod, beside the others (before the wedged guest below: a
+    // failure there must not hide this one's).
+    a_mesh_pod_redirects_and_its_privileged_container_makes_links(&node);
+
     // A wedged guest still stops: with the client pod's VMM frozen, its agent answers
     // nothing, and StopPodSandbox and RemovePodSandbox still end within the stop bound
     // (the shim ends the VM from the host), leaving nothing.
@@ -713,6 +725,87 @@ fn a_kubelet_runs_peapod_pods_beside_runc() {
         node.remove_pod(pod);
     }
     node.finish();
+}
+
+/// A service mesh's pod, as Istio's init container makes it: an init container with
+/// NET_ADMIN and NET_RAW installs REDIRECT rules (nat PREROUTING with
+/// `iptables-legacy`, nat OUTPUT with `iptables-nft`), and those of Istio's TPROXY
+/// mode and DNS capture, and exits; then the app's port
+/// answers on the redirected port, to the host and to the app's own outbound
+/// connections. The pod's privileged container makes a bridge, a veth on it and a tun
+/// device, as network tools do.
+fn a_mesh_pod_redirects_and_its_privileged_container_makes_links(node: &Node) {
+    let (tar, image) = iptables_image_tar(node.scratch_dir());
+    node.import_image(&tar, image);
+    let mesh = node.run_privileged_pod("mesh", PEAPOD_HANDLER);
+    let mesh_ip = node.pod_ip(&mesh);
+    // The REDIRECTs carry the test's traffic. Istio's TPROXY mode (socket match,
+    // TPROXY, a fwmark routing table) and its DNS capture (a CT zone by owner) are
+    // only installed: the kernel must take them.
+    let rules = format!(
+        "iptables-legacy -t nat -A PREROUTING -p tcp --dport {MESH_PORT} \
+           -j REDIRECT --to-ports {WEB_PORT} && \
+         iptables-nft -t nat -A OUTPUT -p tcp -d {MESH_CAPTURED} --dport {MESH_PORT} \
+           -j REDIRECT --to-ports {WEB_PORT} && \
+         iptables-nft -t mangle -A PREROUTING -p tcp --dport 81 -m socket \
+           -j MARK --set-mark 1337 && \
+         iptables-nft -t mangle -A PREROUTING -p tcp --dport 82 \
+           -j TPROXY --on-port 15006 --tproxy-mark 1337 && \
+         iptables-legacy -t raw -A OUTPUT -p udp --dport 53 -m owner --uid-owner 1337 \
+           -j CT --zone 1 && \
+         ip rule add fwmark 1337 lookup 133 && \
+         ip route add local 0.0.0.0/0 dev lo table 133 && echo rules-installed"
+    );
+    let init = node.run_container(
+        &mesh,
+        &ContainerSpec::shell("mesh-init", &rules)
+            .image(image)
+            .add_capability("NET_ADMIN")
+            .add_capability("NET_RAW"),
+    );
+    let exited = node.wait_container_state(&init, ContainerState::ContainerExited);
+    let log = cri_log_lines(&init.log_path);
+    assert!(
+        exited.exit_code == 0 && log.iter().any(|(_, l)| l == "rules-installed"),
+        "the init container installs its rules: {exited:?} {log:?}"
+    );
+
+    let app = node.run_container(
+        &mesh,
+        &ContainerSpec::shell(
+            "app",
+            &format!("echo app-started; exec nc -ll -p {WEB_PORT} -e echo {MESH_REPLY}"),
+        )
+        .image(image)
+        .privileged(),
+    );
+    node.wait_log(&app, "app-started");
+    let from_host = read_until_closed(SocketAddr::from((mesh_ip, MESH_PORT)), CONTAINER_TIMEOUT);
+    assert_eq!(
+        from_host.trim(),
+        MESH_REPLY,
+        "host -> mesh pod's port {MESH_PORT}, redirected to the app by PREROUTING"
+    );
+    assert_eq!(
+        node.exec_ok(
+            &app,
+            &format!("nc -w 30 {MESH_CAPTURED} {MESH_PORT} </dev/null")
+        ),
+        MESH_REPLY,
+        "the app's connection to {MESH_CAPTURED}, redirected to itself by OUTPUT"
+    );
+    assert_eq!(
+        node.exec_ok(
+            &app,
+            "brctl addbr br-mesh && ip link add veth-mesh type veth && \
+             brctl addif br-mesh veth-mesh && ip link set br-mesh up && \
+             tunctl -t tap-mesh >/dev/null && ip link set tap-mesh up && \
+             ls /sys/class/net/br-mesh/brif && cat /sys/class/net/tap-mesh/tun_flags"
+        ),
+        "veth-mesh\n0x1802",
+        "a privileged container makes a bridge with a veth on it, and a tap"
+    );
+    node.remove_pod(&mesh);
 }
 
 /// A peapod pod asking for the host's network is refused by name, before a VM boots,
