@@ -358,6 +358,18 @@ fn a_kubelet_runs_peapod_pods_beside_runc() {
         closed_at.elapsed(),
         closed.error
     );
+    // The server goes (its image's disk with it, which the checks below count).
+    node.cri
+        .stop_container(StopContainerRequest {
+            container_id: local.id.clone(),
+            timeout: 0,
+        })
+        .expect("StopContainer of the port-forward server");
+    node.cri
+        .remove_container(RemoveContainerRequest {
+            container_id: local.id.clone(),
+        })
+        .expect("RemoveContainer of the port-forward server");
 
     // Probes: ExecSyncs leave the descriptors of the node's shims and VMMs, and
     // the guest's open files (its agent's included), where they were.
