@@ -64,10 +64,6 @@ pub struct Pod {
     exit: Arc<ExitSignal>,
     pub state: Mutex<PodState>,
     cache: Arc<LayerCache>,
-    /// Held shared by every Kill in flight: a Kill that ends the VM makes every task
-    /// exit, containerd may then delete them all and shut the shim down, and the
-    /// shutdown waits for the Kill's answer instead of cutting its connection.
-    kills: tokio::sync::RwLock<()>,
 }
 
 impl Pod {
@@ -85,7 +81,6 @@ impl Pod {
             exit,
             state: Mutex::new(PodState::default()),
             cache,
-            kills: tokio::sync::RwLock::new(()),
         }
     }
 
@@ -596,7 +591,6 @@ impl Pod {
     /// health probe too, the VM is ended from the host, and every task is reported
     /// exited as the VMM's exit is.
     pub async fn signal(&self, req: &agent_proto::SignalProcessRequest) -> Result<()> {
-        let _in_flight = self.kills.read().await;
         let id = &req.container_id;
         let vm = self.vm(id).await?;
         let sandbox = self.with_process(id, "", |c, _| c.sandbox).await?;
@@ -758,8 +752,6 @@ impl Pod {
     /// containerd's Shutdown: the shim exits once no task is left (after ending a VM
     /// that a failed Create may have left running).
     pub async fn shutdown(&self) {
-        // Kills in flight answer first (see `kills`).
-        drop(self.kills.write().await);
         let mut st = self.state.lock().await;
         if !st.tasks.is_empty() {
             return;
