@@ -40,6 +40,21 @@ pub mod volumes;
 
 #[cfg(test)]
 pub(crate) mod test_util {
+    /// Runs `program` with `args` and fails the test unless it succeeds; its stdout.
+    pub fn run(program: &str, args: &[&str]) -> String {
+        let out = std::process::Command::new(program)
+            .args(args)
+            .output()
+            .unwrap_or_else(|e| panic!("running {program} (iproute2 is needed): {e}"));
+        assert!(
+            out.status.success(),
+            "{program} {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
     /// Fails a unit test that needs root when run without it (CI runs as root, so a
     /// skip would hide a broken machine). `why` says what needs it.
     pub fn require_root(why: &str) {

@@ -839,19 +839,7 @@ mod tests {
     use std::sync::atomic::{AtomicU32, Ordering};
     use std::time::Instant;
 
-    fn run(program: &str, args: &[&str]) -> String {
-        let out = Command::new(program)
-            .args(args)
-            .output()
-            .unwrap_or_else(|e| panic!("running {program} (iproute2 is needed): {e}"));
-        assert!(
-            out.status.success(),
-            "{program} {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
-    }
+    use crate::test_util::run;
 
     const VETH_MAC: &str = "02:00:5e:10:20:30";
 

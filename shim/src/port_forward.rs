@@ -207,16 +207,7 @@ mod tests {
     use super::*;
 
     fn ip(args: &[&str]) {
-        let out = Command::new("ip")
-            .args(args)
-            .output()
-            .unwrap_or_else(|e| panic!("running ip (iproute2 is needed): {e}"));
-        assert!(
-            out.status.success(),
-            "ip {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        crate::test_util::run("ip", args);
     }
 
     /// A network namespace with its loopback up, deleted on drop.
