@@ -69,11 +69,18 @@ impl Beneath {
         Ok(self.child(dir, name))
     }
 
-    /// The directory at `rel`, made (mode 0755, owned by the agent) with its missing
-    /// parents. Symlinks on the way are followed as long as they stay below `self`.
+    /// The directory at `rel` (plain names, no `..`), made (mode 0755, owned by the
+    /// agent) with its missing parents. Symlinks on the way are followed as long as
+    /// they stay below `self`.
     pub fn make_dirs(&self, rel: &Path) -> io::Result<Beneath> {
         if rel.as_os_str().is_empty() {
             return Ok(self.child(self.dir.try_clone()?, rel));
+        }
+        if !rel.components().all(|c| matches!(c, Component::Normal(_))) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{rel:?} is not a relative path of plain names"),
+            ));
         }
         match openat2(&self.dir, rel, how(dir_flags(), ResolveFlag::empty())) {
             Ok(dir) => return Ok(self.child(dir, rel)),
@@ -147,6 +154,27 @@ impl Beneath {
         Ok(())
     }
 
+    /// The first `limit` bytes of the regular file at `rel`, resolved as if `self`
+    /// were `/` (`RESOLVE_IN_ROOT`): what a container sees at that path in its own
+    /// root, never a file of the guest's, a device or a FIFO.
+    pub fn read_in_root(&self, rel: &Path, limit: u64) -> io::Result<Vec<u8>> {
+        use std::io::Read;
+        let flags = OFlag::O_RDONLY | OFlag::O_NONBLOCK | OFlag::O_NOCTTY | OFlag::O_CLOEXEC;
+        let how = OpenHow::new()
+            .flags(flags)
+            .resolve(ResolveFlag::RESOLVE_IN_ROOT | ResolveFlag::RESOLVE_NO_MAGICLINKS);
+        let file = File::from(openat2(&self.dir, rel, how)?);
+        if !file.metadata()?.is_file() {
+            return Err(io::Error::other(format!(
+                "{} is not a regular file",
+                self.path.join(rel).display()
+            )));
+        }
+        let mut data = Vec::new();
+        file.take(limit).read_to_end(&mut data)?;
+        Ok(data)
+    }
+
     fn child(&self, dir: OwnedFd, rel: &Path) -> Beneath {
         Beneath {
             dir,
@@ -188,4 +216,74 @@ fn set_mode_and_owner(fd: impl AsFd, mode: u32, owner: Owner) -> io::Result<()> 
     )?;
     fchmod(fd, Mode::from_bits_truncate(mode))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::fs;
+
+    use nix::sys::stat::{makedev, mknod, SFlag};
+
+    use super::*;
+
+    #[test]
+    fn reads_in_root_take_only_regular_files_inside() {
+        let dir = tempfile::tempdir().unwrap();
+        let root_path = dir.path().join("rootfs");
+        fs::create_dir_all(root_path.join("dev")).unwrap();
+        fs::write(dir.path().join("secret"), "guest").unwrap();
+        fs::write(root_path.join("secret"), "image").unwrap();
+        std::os::unix::fs::symlink(dir.path().join("secret"), root_path.join("abs")).unwrap();
+        std::os::unix::fs::symlink("../../secret", root_path.join("dev/up")).unwrap();
+        nix::unistd::mkfifo(&root_path.join("fifo"), Mode::S_IRWXU).unwrap();
+        let root = Beneath::open(&root_path).unwrap();
+        let read = |rel: &str| root.read_in_root(Path::new(rel), 3);
+
+        // Absolute symlinks and `..` stay in the root, as in the container.
+        assert!(
+            read("abs").is_err(),
+            "{} is the guest's",
+            dir.path().join("secret").display()
+        );
+        assert_eq!(read("dev/up").unwrap(), b"ima");
+        assert_eq!(read("/dev/../../secret").unwrap(), b"ima");
+        // A FIFO would block the read for ever without O_NONBLOCK.
+        let e = read("fifo").unwrap_err().to_string();
+        assert!(e.contains("not a regular file"), "{e}");
+        let zero = root_path.join("dev/zero");
+        if mknod(
+            &zero,
+            SFlag::S_IFCHR,
+            Mode::from_bits_truncate(0o666),
+            makedev(1, 5),
+        )
+        .is_ok()
+        {
+            let e = read("dev/zero").unwrap_err().to_string();
+            assert!(e.contains("not a regular file"), "{e}");
+        }
+    }
+
+    #[test]
+    fn names_are_single_components() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = Beneath::open(dir.path()).unwrap();
+        let me = Owner {
+            uid: nix::unistd::geteuid().as_raw(),
+            gid: nix::unistd::getegid().as_raw(),
+        };
+        for bad in ["a/b", "..", ".", "", "/etc"] {
+            assert!(root.dir(Path::new(bad), 0o755, me).is_err(), "{bad:?}");
+            assert!(root
+                .write_file(Path::new(bad), b"x", 0, true, 0o644, me)
+                .is_err());
+            assert!(root
+                .swap_symlink(Path::new(bad), Path::new("t"), me)
+                .is_err());
+        }
+        for bad in ["..", "a/../..", "./a", "/etc"] {
+            assert!(root.make_dirs(Path::new(bad)).is_err(), "{bad:?}");
+        }
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
 }
