@@ -37,6 +37,12 @@ pub struct Owner {
     pub gid: u32,
 }
 
+impl Owner {
+    fn ids(self) -> (Option<Uid>, Option<Gid>) {
+        (Some(Uid::from_raw(self.uid)), Some(Gid::from_raw(self.gid)))
+    }
+}
+
 impl Beneath {
     /// Opens `path` as a root. It is trusted: it must be a directory no container
     /// can write to or replace (one of the agent's own under /run/peapod).
@@ -118,13 +124,7 @@ impl Beneath {
             | OFlag::O_NOCTTY
             | OFlag::O_CLOEXEC;
         let how = how(flags, ResolveFlag::RESOLVE_NO_SYMLINKS).mode(Mode::from_bits_truncate(mode));
-        let file = File::from(openat2(&self.dir, name, how)?);
-        if !file.metadata()?.is_file() {
-            return Err(io::Error::other(format!(
-                "{} is not a regular file",
-                self.path.join(name).display()
-            )));
-        }
+        let file = self.regular(openat2(&self.dir, name, how)?, name)?;
         if truncate {
             file.set_len(0)?;
         }
@@ -144,13 +144,8 @@ impl Beneath {
         let _ = unlinkat(&self.dir, tmp, UnlinkatFlags::NoRemoveDir);
         symlinkat(target, &self.dir, tmp)?;
         renameat(&self.dir, tmp, &self.dir, name)?;
-        fchownat(
-            &self.dir,
-            name,
-            Some(Uid::from_raw(owner.uid)),
-            Some(Gid::from_raw(owner.gid)),
-            AtFlags::AT_SYMLINK_NOFOLLOW,
-        )?;
+        let (uid, gid) = owner.ids();
+        fchownat(&self.dir, name, uid, gid, AtFlags::AT_SYMLINK_NOFOLLOW)?;
         Ok(())
     }
 
@@ -163,16 +158,24 @@ impl Beneath {
         let how = OpenHow::new()
             .flags(flags)
             .resolve(ResolveFlag::RESOLVE_IN_ROOT | ResolveFlag::RESOLVE_NO_MAGICLINKS);
-        let file = File::from(openat2(&self.dir, rel, how)?);
-        if !file.metadata()?.is_file() {
-            return Err(io::Error::other(format!(
-                "{} is not a regular file",
-                self.path.join(rel).display()
-            )));
-        }
+        let file = self.regular(openat2(&self.dir, rel, how)?, rel)?;
         let mut data = Vec::new();
         file.take(limit).read_to_end(&mut data)?;
         Ok(data)
+    }
+
+    /// `fd`, opened at `rel`, if it is a regular file: a FIFO or a device a
+    /// container planted is not read or written.
+    fn regular(&self, fd: OwnedFd, rel: &Path) -> io::Result<File> {
+        let file = File::from(fd);
+        if file.metadata()?.is_file() {
+            Ok(file)
+        } else {
+            Err(io::Error::other(format!(
+                "{} is not a regular file",
+                self.path.join(rel).display()
+            )))
+        }
     }
 
     fn child(&self, dir: OwnedFd, rel: &Path) -> Beneath {
@@ -209,11 +212,8 @@ fn one_component(name: &Path) -> io::Result<&Path> {
 fn set_mode_and_owner(fd: impl AsFd, mode: u32, owner: Owner) -> io::Result<()> {
     let fd = fd.as_fd();
     // Owner first: a chown clears the set-id bits that the mode may set.
-    fchown(
-        fd,
-        Some(Uid::from_raw(owner.uid)),
-        Some(Gid::from_raw(owner.gid)),
-    )?;
+    let (uid, gid) = owner.ids();
+    fchown(fd, uid, gid)?;
     fchmod(fd, Mode::from_bits_truncate(mode))?;
     Ok(())
 }
