@@ -1,6 +1,7 @@
 //! The guest agent's library: PID 1 duties that the test guest's probe
 //! (tests/guest-probe) shares, and the container runtime the agent serves.
 
+pub mod beneath;
 pub mod cgroups;
 pub mod container;
 pub mod files;

@@ -16,6 +16,7 @@ use tokio::sync::{mpsc, Notify};
 use tokio_vsock::VsockStream;
 use ttrpc::r#async::TtrpcContext;
 
+use crate::beneath::Beneath;
 use crate::cgroups::OomWatcher;
 use crate::container::{Container, ContainerError, CreateRequest};
 use crate::process::Reaper;
@@ -275,7 +276,8 @@ fn stats_reply(s: &crate::cgroups::CgroupStats, timestamp: i64) -> proto::StatsR
     }
 }
 
-/// A path under [`SHARED_DIR`]: relative, with no `..`.
+/// A path under [`SHARED_DIR`]: relative, with no `..` (symlinks are the job of
+/// [`crate::beneath`]).
 fn shared_path(rel: &str) -> Result<PathBuf, ttrpc::Error> {
     let p = Path::new(rel);
     if rel.is_empty() || !p.components().all(|c| matches!(c, Component::Normal(_))) {
@@ -284,7 +286,7 @@ fn shared_path(rel: &str) -> Result<PathBuf, ttrpc::Error> {
             format!("CopyFile: path {rel:?} must be relative to the shared directory, without '..' or '.'"),
         ));
     }
-    Ok(Path::new(SHARED_DIR).join(p))
+    Ok(p.to_owned())
 }
 
 #[async_trait]
@@ -584,7 +586,15 @@ impl proto::Agent for AgentService {
         req: proto::CopyFileRequest,
     ) -> RpcResult<proto::Empty> {
         let path = shared_path(&req.path)?;
-        tokio::task::spawn_blocking(move || crate::files::copy_in(&path, &req))
+        let copied = tokio::task::spawn_blocking(move || {
+            // A trusted root: containers see only the entries bound into them, never
+            // the shared directory itself, so they cannot replace it.
+            let shared = std::fs::create_dir_all(SHARED_DIR)
+                .and_then(|()| Beneath::open(Path::new(SHARED_DIR)))
+                .map_err(|e| format!("CopyFile: opening the shared directory {SHARED_DIR}: {e}"))?;
+            crate::files::copy_in(&shared, &path, &req).map_err(|e| e.to_string())
+        });
+        copied
             .await
             .map_err(|e| status(ttrpc::Code::INTERNAL, e))?
             .map_err(|e| status(ttrpc::Code::INTERNAL, e))?;
@@ -600,7 +610,7 @@ mod tests {
     fn copy_file_paths_stay_in_the_shared_directory() {
         assert_eq!(
             shared_path("vol/a/b.txt").unwrap(),
-            Path::new(SHARED_DIR).join("vol/a/b.txt")
+            Path::new("vol/a/b.txt")
         );
         for bad in ["", "/etc/passwd", "../x", "a/../../x", "./a"] {
             assert!(shared_path(bad).is_err(), "{bad:?}");

@@ -12,6 +12,8 @@ use std::path::Path;
 use oci_spec::runtime::{LinuxSeccomp, LinuxSeccompAction};
 use serde_json::{json, Value};
 
+use crate::beneath::Beneath;
+
 #[derive(Debug, thiserror::Error)]
 pub enum SpecError {
     #[error("container {id}: the OCI spec is not valid JSON: {cause} (send config.json's bytes as the host's runtime would write them)")]
@@ -50,6 +52,8 @@ pub struct GuestContext<'a> {
 /// Namespaces a pod shares through its sandbox container (k8s shares IPC and UTS
 /// always, PID with `shareProcessNamespace`).
 const SHARED_KINDS: &[&str] = &["ipc", "uts", "pid"];
+/// More of an image's /etc/passwd than a username lookup ever needs.
+const MAX_PASSWD_BYTES: u64 = 4 << 20;
 
 /// A container's spec as the guest runs it.
 #[derive(Debug)]
@@ -347,7 +351,12 @@ fn resolve_user(process: &mut Value, rootfs: &Path, id: &str) -> Result<(), Spec
     else {
         return Ok(());
     };
-    let passwd = std::fs::read_to_string(rootfs.join("etc/passwd")).unwrap_or_default();
+    // The image, and for an exec the running container, owns this file: it is read
+    // in the container's root, so a symlink to a guest file or /dev/zero is harmless.
+    let passwd = Beneath::open(rootfs)
+        .and_then(|root| root.read_in_root(Path::new("etc/passwd"), MAX_PASSWD_BYTES))
+        .unwrap_or_default();
+    let passwd = String::from_utf8_lossy(&passwd);
     let (uid, gid) = lookup_passwd(&passwd, &name).ok_or_else(|| SpecError::UnknownUser {
         id: id.into(),
         user: name,
@@ -633,5 +642,31 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.to_string().contains("args"), "{err}");
+    }
+
+    #[test]
+    fn etc_passwd_is_read_in_the_containers_root() {
+        let dir = tempfile::tempdir().unwrap();
+        let rootfs = dir.path().join("rootfs");
+        std::fs::create_dir_all(rootfs.join("etc")).unwrap();
+        std::fs::create_dir_all(rootfs.join("usr/lib")).unwrap();
+        std::fs::write(dir.path().join("passwd"), "web:x:1:1::/:/bin/sh\n").unwrap();
+        std::fs::write(rootfs.join("usr/lib/passwd"), "web:x:33:34::/:/bin/sh\n").unwrap();
+        let user = |rootfs: &Path| {
+            guest_process(
+                br#"{"args":["id"],"cwd":"/","user":{"uid":0,"gid":0,"username":"web"}}"#,
+                "c1",
+                rootfs,
+                false,
+            )
+            .map(|p| p["user"]["uid"].clone())
+        };
+        // An absolute symlink means the image's own file, not the guest's.
+        let guest_file = dir.path().join("passwd");
+        std::os::unix::fs::symlink(&guest_file, rootfs.join("etc/passwd")).unwrap();
+        assert!(user(&rootfs).is_err(), "read {}", guest_file.display());
+        std::fs::remove_file(rootfs.join("etc/passwd")).unwrap();
+        std::os::unix::fs::symlink("/../../usr/lib/passwd", rootfs.join("etc/passwd")).unwrap();
+        assert_eq!(user(&rootfs).unwrap(), json!(33));
     }
 }

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use peapod_agent_protocol::ttrpc;
 use peapod_agent_protocol::ttrpc::context::Context;
 use peapod_agent_protocol::{
-    AgentClient, ContainerRequest, CreateContainerRequest, CreateSandboxRequest,
+    AgentClient, ContainerRequest, CopyFileRequest, CreateContainerRequest, CreateSandboxRequest,
     DestroySandboxRequest, Empty, ExecProcessRequest, GetOomEventRequest, HealthRequest,
     HealthResponse, OomEvent, PidsResponse, ProcessRequest, RemoveContainerRequest,
     SignalProcessRequest, StartResponse, StatsResponse, StdioHeader, StdioStream, VersionRequest,
@@ -206,6 +206,7 @@ impl AgentConn {
 
     rpcs! {
         create_sandbox(CreateSandboxRequest) -> Empty;
+        copy_file(CopyFileRequest) -> Empty;
         create_container(CreateContainerRequest) -> Empty;
         start_container(ContainerRequest) -> StartResponse;
         exec_process(ExecProcessRequest) -> StartResponse;

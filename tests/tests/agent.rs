@@ -17,7 +17,11 @@
 //!    kills it: a `GetOomEvent` long poll started before it reports c3.
 //! f. Container c4 (with the AppArmor and SELinux labels of containerd's CRI) does
 //!    some work and keeps its memory: `StatsContainer` sees memory,
-//!    CPU time and pids; `ListPids` has its process. It stays running.
+//!    CPU time and pids; `ListPids` has its process. It stays running. It also
+//!    plants symlinks in a volume the host copied in (`CopyFile`), to the guest's
+//!    /etc and to its rootfs (another container's, to any other): `CopyFile`
+//!    through them fails, naming the path and the cause, and writes nothing there;
+//!    the kubelet's `..data` swap in that volume still reaches c4.
 //! g. Bad input (a disk that is not attached, a spec that is not JSON) gets errors
 //!    naming the cause, and the agent still answers and c4 still runs.
 //! h. `DestroySandbox` (c4 still running) powers the VM off: the VMM exits on its
@@ -32,9 +36,9 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use peapod_agent_protocol::{
-    rootfs, CreateContainerRequest, CreateSandboxRequest, ExecProcessRequest, MessageField,
-    RemoveContainerRequest, Rootfs, SignalProcessRequest, Stdio, StdioStream, WaitResponse,
-    PROTOCOL,
+    rootfs, CopyFileRequest, CreateContainerRequest, CreateSandboxRequest, ExecProcessRequest,
+    MessageField, RemoveContainerRequest, Rootfs, SignalProcessRequest, Stdio, StdioStream,
+    WaitResponse, PROTOCOL,
 };
 use peapod_tests::agent::{
     attach, error_text, read_all_in_background, read_all_with_timeout, AgentConn, GuestLog,
@@ -62,6 +66,10 @@ const OOM_TIMEOUT: Duration = Duration::from_secs(600);
 const MEMORY_LIMIT: u64 = 16 << 20;
 const UPPER_TMPFS: u64 = 64 << 20;
 const SIGKILL: u32 = 9;
+/// The agent's directory of copied files (`CopyFile` paths are relative to it).
+const SHARED_DIR: &str = "/run/peapod/shared";
+/// A volume the host copies in and c4 binds read-write.
+const VOLUME: &str = "vol";
 
 /// The VMM, with its console and log printed if the test fails while it lives.
 struct Vm(VmmProcess);
@@ -210,6 +218,17 @@ fn err_text<T: std::fmt::Debug>(what: &str, r: RpcResult<T>) -> String {
         Ok(v) => panic!("{what} succeeded ({v:?}); it must fail"),
         Err(e) => error_text(&e),
     }
+}
+
+/// `CopyFile` of `data` (a file), a directory (`None`) or a symlink to `link` at
+/// `path` under the shared directory.
+fn copy_request(path: &str, data: Option<&[u8]>, link: &str) -> CopyFileRequest {
+    let mut r = CopyFileRequest::new();
+    r.path = path.into();
+    r.dir = data.is_none() && link.is_empty();
+    r.data = data.unwrap_or_default().to_vec();
+    r.symlink_target = link.into();
+    r
 }
 
 fn health(conn: &AgentConn, after: &str) {
@@ -560,19 +579,33 @@ fn the_agent_runs_containers_on_one_vm() {
     // cgroup), and sleeps (the shell stays: `sleep` is not its last command). Its
     // spec carries the labels containerd's CRI adds on AppArmor and SELinux nodes,
     // which the guest (with neither) does not apply.
+    ok(
+        "CopyFile vol",
+        conn.copy_file(&copy_request(VOLUME, None, "")),
+    );
     let (c4, c4_pid) = step(&conn, &log, "c4", |id| {
+        let plant = format!(
+            "ln -sfn /etc /vol/etc; ln -sfn /run/peapod/containers/{id}/rootfs/etc /vol/rootfs; "
+        );
+        let mut spec = with_lsm_labels(oci_spec(
+            &[
+                "sh",
+                "-c",
+                &format!(
+                    "{plant}i=0; while [ $i -lt 5000 ]; do i=$((i+1)); done; \
+                     dd if=/dev/zero of=/dev/shm/fill bs=1048576 count=8 2>/dev/null; \
+                     sleep 1000; echo $i"
+                ),
+            ],
+            false,
+        ));
+        spec["mounts"].as_array_mut().expect("mounts").push(json!({
+            "destination": "/vol", "type": "bind", "source": format!("{SHARED_DIR}/{VOLUME}"),
+            "options": ["rbind", "rw"],
+        }));
         let req = create_request(
             id,
-            &with_lsm_labels(oci_spec(
-                &[
-                    "sh",
-                    "-c",
-                    "i=0; while [ $i -lt 5000 ]; do i=$((i+1)); done; \
-                     dd if=/dev/zero of=/dev/shm/fill bs=1048576 count=8 2>/dev/null; \
-                     sleep 1000; echo $i",
-                ],
-                false,
-            )),
+            &spec,
             rootfs_of(&[&base], tmpfs_upper()),
             stdio(false, false, false, false),
         );
@@ -613,6 +646,52 @@ fn the_agent_runs_containers_on_one_vm() {
         "ListPids c4 {:?} lacks its process {c4_pid}",
         pids.pids,
     );
+
+    // c4 planted its symlinks before it filled /dev/shm: CopyFile refuses to follow
+    // them out of the volume, and the kubelet's atomic update still works.
+    for path in ["vol/etc/passwd", "vol/rootfs/peapod-planted"] {
+        let e = err_text(
+            &format!("CopyFile {path} through a symlink c4 planted"),
+            conn.copy_file(&copy_request(path, Some(b"planted\n"), "")),
+        );
+        assert!(
+            e.contains(path) && e.contains("planted there") && e.contains("nothing was written"),
+            "the error names the path and the cause: {e}"
+        );
+    }
+    for (path, data, link) in [
+        ("vol/..2026_01", None, ""),
+        ("vol/..2026_01/key", Some(&b"v1"[..]), ""),
+        ("vol/..data", None, "..2026_01"),
+        ("vol/key", None, "..data/key"),
+    ] {
+        ok(
+            &format!("CopyFile {path}"),
+            conn.copy_file(&copy_request(path, data, link)),
+        );
+    }
+    health(&conn, "CopyFile through planted symlinks");
+    step(&conn, &log, "e5", |exec_id| {
+        let req = exec_request(
+            &c4,
+            exec_id,
+            &[
+                "sh",
+                "-c",
+                "cat /vol/key; echo; ls /etc/peapod-planted 2>&1",
+            ],
+            stdio(false, true, false, false),
+        );
+        ok("ExecProcess e5", conn.exec_process(&req));
+        let mut stdout =
+            attach(&uds, StdioStream::Stdout, &c4, exec_id).expect("attaching e5's stdout");
+        let got = text(&read_all_with_timeout(&mut stdout, IO_TIMEOUT));
+        let exit = wait(&conn, &c4, exec_id, IO_TIMEOUT)?;
+        check(
+            got == "v1\nls: /etc/peapod-planted: No such file or directory\n",
+            format!("e5 sees the volume's key, and nothing written in its rootfs: {got:?} (exit {exit:?})"),
+        )
+    });
 
     // (g) Bad input: errors that name the cause; the agent carries on.
     let missing = "ppnotattached000";
