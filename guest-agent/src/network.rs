@@ -1,6 +1,6 @@
-//! The pod's network inside the guest: interfaces found by MAC, renamed, given an MTU
-//! and IPv4 addresses and brought up, then routes; all over rtnetlink, since the guest
-//! has no `ip` binary.
+//! The pod's network inside the guest: interfaces found by MAC, renamed, given an MTU,
+//! brought up and given their IPv4 and IPv6 addresses, then routes of both families;
+//! all over rtnetlink, since the guest has no `ip` binary.
 //!
 //! Crates: `netlink-sys` for the socket (used blocking, without its tokio feature),
 //! `netlink-packet-core` for the netlink framing (headers, attributes, ACKs) and
@@ -20,7 +20,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::io;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use netlink_packet_core::{
     DecodeError, DefaultNla, Emitable, NetlinkBuffer, NetlinkHeader, NlasIterator, NLMSG_DONE,
@@ -51,38 +51,38 @@ pub struct InterfaceConfig {
     pub mac: MacAddr,
     /// The name to give it; `None` keeps the kernel's.
     pub name: Option<String>,
-    pub addresses: Vec<Ipv4Cidr>,
+    pub addresses: Vec<IpCidr>,
     /// `None` keeps the device's MTU.
     pub mtu: Option<u32>,
 }
 
-/// One IPv4 route in the main table.
+/// One route in the main table, IPv4 or IPv6: every address in it is of one family.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RouteConfig {
-    /// `0.0.0.0/0` for the default route; no host bits set.
-    pub destination: Ipv4Cidr,
-    pub gateway: Option<Ipv4Addr>,
+    /// `0.0.0.0/0` or `::/0` for a default route; no host bits set.
+    pub destination: IpCidr,
+    pub gateway: Option<IpAddr>,
     /// The interface (by its name after renaming); `None` lets the kernel pick it by
     /// the gateway.
     pub device: Option<String>,
     /// Preferred source address.
-    pub source: Option<Ipv4Addr>,
+    pub source: Option<IpAddr>,
 }
 
 /// An Ethernet address; parsed case-insensitively, shown in lowercase.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct MacAddr(pub [u8; 6]);
 
-/// An IPv4 address with a prefix length, as in `10.88.0.5/16`.
+/// An IP address with a prefix length, as in `10.88.0.5/16` or `fd00:1::5/64`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Ipv4Cidr {
-    pub addr: Ipv4Addr,
+pub struct IpCidr {
+    pub addr: IpAddr,
     pub prefix_len: u8,
 }
 
 impl InterfaceConfig {
     /// Parses the protocol's strings: `mac` as `aa:bb:cc:dd:ee:ff`, `name` (empty: keep
-    /// the kernel's), `addresses` as IPv4 CIDRs, `mtu` (0: keep the device's).
+    /// the kernel's), `addresses` as IPv4 or IPv6 CIDRs, `mtu` (0: keep the device's).
     pub fn parse(
         mac: &str,
         name: &str,
@@ -117,8 +117,9 @@ impl InterfaceConfig {
 }
 
 impl RouteConfig {
-    /// Parses the protocol's strings: `destination` an IPv4 CIDR (empty or `0.0.0.0/0`:
-    /// the default route), `gateway`, `device` and `source` each empty when not given.
+    /// Parses the protocol's strings: `destination` an IPv4 or IPv6 CIDR (empty: the
+    /// default route of the gateway's family, IPv4 without a gateway), `gateway`,
+    /// `device` and `source` each empty when not given, else of the destination's family.
     pub fn parse(
         destination: &str,
         gateway: &str,
@@ -136,9 +137,15 @@ impl RouteConfig {
             object: object.clone(),
             reason,
         };
+        let gateway = parse_optional_ip(&object, "gateway", gateway)?;
+        let source = parse_optional_ip(&object, "source", source)?;
         let destination = if destination.is_empty() {
-            Ipv4Cidr {
-                addr: Ipv4Addr::UNSPECIFIED,
+            let addr = match gateway.or(source) {
+                Some(IpAddr::V6(_)) => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+                _ => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            };
+            IpCidr {
+                addr,
                 prefix_len: 0,
             }
         } else {
@@ -151,8 +158,16 @@ impl RouteConfig {
                 destination.prefix_len
             )));
         }
-        let gateway = parse_optional_ip(&object, "gateway", gateway)?;
-        let source = parse_optional_ip(&object, "source", source)?;
+        for (what, addr) in [("gateway", gateway), ("source", source)] {
+            if let Some(addr) = addr.filter(|a| a.is_ipv6() != destination.addr.is_ipv6()) {
+                return Err(invalid(format!(
+                    "{what} {addr} is {}, the destination {} {destination}: a route's \
+                     addresses must all be IPv4 or all IPv6",
+                    family_name(&addr),
+                    family_name(&destination.addr),
+                )));
+            }
+        }
         let device = if device.is_empty() {
             None
         } else {
@@ -173,72 +188,83 @@ impl RouteConfig {
 
 fn or_default(destination: &str) -> &str {
     match destination {
-        "" | "0.0.0.0/0" => "default",
+        "" | "0.0.0.0/0" | "::/0" => "default",
         d => d,
     }
 }
 
-fn parse_cidr(object: &str, what: &str, text: &str) -> Result<Ipv4Cidr, SandboxError> {
+fn family_name(addr: &IpAddr) -> &'static str {
+    if addr.is_ipv6() {
+        "IPv6"
+    } else {
+        "IPv4"
+    }
+}
+
+fn parse_cidr(object: &str, what: &str, text: &str) -> Result<IpCidr, SandboxError> {
     let invalid = |reason: &str| SandboxError::Invalid {
         object: object.to_string(),
         reason: format!("{what} {text:?} {reason}"),
     };
     let Some((addr, prefix)) = text.split_once('/') else {
         return Err(invalid(
-            "needs a prefix length, as in 10.88.0.5/16 or 10.0.0.0/8",
+            "needs a prefix length, as in 10.88.0.5/16 or fd00:1::5/64",
         ));
     };
     let addr: IpAddr = addr
         .parse()
         .map_err(|_| invalid("is not an IP address with a prefix length"))?;
-    let IpAddr::V4(addr) = addr else {
-        return Err(SandboxError::Ipv6Unsupported {
-            object: object.to_string(),
-            address: text.to_string(),
-        });
-    };
+    let max = if addr.is_ipv6() { 128 } else { 32 };
     let prefix_len = match prefix.parse::<u8>() {
-        Ok(p) if p <= 32 && !prefix.starts_with('+') => p,
-        _ => return Err(invalid("has a prefix length that is not 0 to 32")),
+        Ok(p) if p <= max && !prefix.starts_with('+') => p,
+        _ if max == 32 => return Err(invalid("has a prefix length that is not 0 to 32")),
+        _ => return Err(invalid("has a prefix length that is not 0 to 128")),
     };
-    Ok(Ipv4Cidr { addr, prefix_len })
+    Ok(IpCidr { addr, prefix_len })
 }
 
-fn parse_optional_ip(
-    object: &str,
-    what: &str,
-    text: &str,
-) -> Result<Option<Ipv4Addr>, SandboxError> {
+fn parse_optional_ip(object: &str, what: &str, text: &str) -> Result<Option<IpAddr>, SandboxError> {
     if text.is_empty() {
         return Ok(None);
     }
-    match text.parse::<IpAddr>() {
-        Ok(IpAddr::V4(a)) => Ok(Some(a)),
-        Ok(IpAddr::V6(_)) => Err(SandboxError::Ipv6Unsupported {
-            object: object.to_string(),
-            address: text.to_string(),
-        }),
-        Err(_) => Err(SandboxError::Invalid {
-            object: object.to_string(),
-            reason: format!("{what} {text:?} is not an IP address"),
-        }),
-    }
+    text.parse().map(Some).map_err(|_| SandboxError::Invalid {
+        object: object.to_string(),
+        reason: format!("{what} {text:?} is not an IP address"),
+    })
 }
 
-impl Ipv4Cidr {
-    fn network(&self) -> Ipv4Addr {
-        Ipv4Addr::from(u32::from(self.addr) & self.mask())
+impl IpCidr {
+    /// The address with its host bits cleared.
+    fn network(&self) -> IpAddr {
+        let keep = |bits: u32| {
+            u128::MAX
+                .checked_shl(bits - u32::from(self.prefix_len))
+                .unwrap_or(0)
+        };
+        match self.addr {
+            IpAddr::V4(a) => IpAddr::V4(Ipv4Addr::from(u32::from(a) & keep(32) as u32)),
+            IpAddr::V6(a) => IpAddr::V6(Ipv6Addr::from(u128::from(a) & keep(128))),
+        }
     }
 
-    fn mask(&self) -> u32 {
-        u32::MAX
-            .checked_shl(32 - u32::from(self.prefix_len))
-            .unwrap_or(0)
-    }
-
-    /// The broadcast address `ip` and CNI plugins give a subnet of more than 2 hosts.
+    /// The broadcast address `ip` and CNI plugins give an IPv4 subnet of more than 2
+    /// hosts; IPv6 has none.
     fn broadcast(&self) -> Option<Ipv4Addr> {
-        (self.prefix_len < 31).then(|| Ipv4Addr::from(u32::from(self.addr) | !self.mask()))
+        let IpAddr::V4(a) = self.addr else {
+            return None;
+        };
+        let host = u32::MAX
+            .checked_shr(u32::from(self.prefix_len))
+            .unwrap_or(0);
+        (self.prefix_len < 31).then(|| Ipv4Addr::from(u32::from(a) | host))
+    }
+
+    fn family(&self) -> AddressFamily {
+        if self.addr.is_ipv6() {
+            AddressFamily::Inet6
+        } else {
+            AddressFamily::Inet
+        }
     }
 }
 
@@ -269,7 +295,7 @@ impl fmt::Display for MacAddr {
     }
 }
 
-impl fmt::Display for Ipv4Cidr {
+impl fmt::Display for IpCidr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}/{}", self.addr, self.prefix_len)
     }
@@ -342,7 +368,7 @@ enum Op {
     },
     AddAddress {
         index: u32,
-        cidr: Ipv4Cidr,
+        cidr: IpCidr,
     },
     AddRoute {
         route: RouteConfig,
@@ -416,16 +442,18 @@ fn plan(net: &SandboxNetwork, links: &[Link]) -> Result<Vec<Step>, SandboxError>
                 op: Op::Mtu { index, mtu },
             });
         }
-        for cidr in &iface.addresses {
-            steps.push(Step {
-                what: format!("{object} ({name}): adding address {cidr}"),
-                op: Op::AddAddress { index, cidr: *cidr },
-            });
-        }
+        // Up before the addresses: IPv6 starts using an address, and makes its prefix
+        // route, when its link is up.
         if !up {
             steps.push(Step {
                 what: format!("{object} ({name}): bringing it up"),
                 op: Op::Up { index },
+            });
+        }
+        for cidr in &iface.addresses {
+            steps.push(Step {
+                what: format!("{object} ({name}): adding address {cidr}"),
+                op: Op::AddAddress { index, cidr: *cidr },
             });
         }
         names.insert(index, name.to_string());
@@ -510,6 +538,8 @@ const RTEXT_FILTER_SKIP_STATS: u32 = 1 << 3;
 const IFA_ADDRESS: u16 = 1;
 const IFA_LOCAL: u16 = 2;
 const IFA_BROADCAST: u16 = 4;
+const IFA_FLAGS: u16 = 8;
+const IFA_F_NODAD: u32 = 0x02;
 const RTA_DST: u16 = 1;
 const RTA_OIF: u16 = 4;
 const RTA_GATEWAY: u16 = 5;
@@ -519,8 +549,12 @@ fn nla_u32(kind: u16, value: u32) -> DefaultNla {
     DefaultNla::new(kind, value.to_ne_bytes().to_vec())
 }
 
-fn nla_ipv4(kind: u16, addr: Ipv4Addr) -> DefaultNla {
-    DefaultNla::new(kind, addr.octets().to_vec())
+fn nla_ip(kind: u16, addr: IpAddr) -> DefaultNla {
+    let octets = match addr {
+        IpAddr::V4(a) => a.octets().to_vec(),
+        IpAddr::V6(a) => a.octets().to_vec(),
+    };
+    DefaultNla::new(kind, octets)
 }
 
 fn link_header(index: u32) -> LinkHeader {
@@ -566,18 +600,22 @@ impl Op {
             }
             Op::AddAddress { index, cidr } => {
                 let header = AddressHeader {
-                    family: AddressFamily::Inet,
+                    family: cidr.family(),
                     prefix_len: cidr.prefix_len,
                     scope: AddressScope::Universe,
                     index: *index,
                     ..AddressHeader::default()
                 };
-                let mut attributes = vec![
-                    nla_ipv4(IFA_LOCAL, cidr.addr),
-                    nla_ipv4(IFA_ADDRESS, cidr.addr),
-                ];
+                let mut attributes =
+                    vec![nla_ip(IFA_LOCAL, cidr.addr), nla_ip(IFA_ADDRESS, cidr.addr)];
                 if let Some(broadcast) = cidr.broadcast() {
-                    attributes.push(nla_ipv4(IFA_BROADCAST, broadcast));
+                    attributes.push(nla_ip(IFA_BROADCAST, IpAddr::V4(broadcast)));
+                }
+                if cidr.addr.is_ipv6() {
+                    // No duplicate address detection: the pod's address is the veth's,
+                    // which CNI checked on the node; detecting would keep it unusable
+                    // ("tentative") for a second or more of the guest's start.
+                    attributes.push(nla_u32(IFA_FLAGS, IFA_F_NODAD));
                 }
                 (
                     libc::RTM_NEWADDR,
@@ -588,7 +626,7 @@ impl Op {
             }
             Op::AddRoute { route, oif } => {
                 let header = RouteHeader {
-                    address_family: AddressFamily::Inet,
+                    address_family: route.destination.family(),
                     destination_prefix_length: route.destination.prefix_len,
                     table: RouteHeader::RT_TABLE_MAIN,
                     protocol: RouteProtocol::Boot,
@@ -602,16 +640,16 @@ impl Op {
                 };
                 let mut attributes = Vec::new();
                 if route.destination.prefix_len > 0 {
-                    attributes.push(nla_ipv4(RTA_DST, route.destination.addr));
+                    attributes.push(nla_ip(RTA_DST, route.destination.addr));
                 }
                 if let Some(gateway) = route.gateway {
-                    attributes.push(nla_ipv4(RTA_GATEWAY, gateway));
+                    attributes.push(nla_ip(RTA_GATEWAY, gateway));
                 }
                 if let Some(oif) = oif {
                     attributes.push(nla_u32(RTA_OIF, *oif));
                 }
                 if let Some(source) = route.source {
-                    attributes.push(nla_ipv4(RTA_PREFSRC, source));
+                    attributes.push(nla_ip(RTA_PREFSRC, source));
                 }
                 (
                     libc::RTM_NEWROUTE,
@@ -930,7 +968,7 @@ pub(crate) mod tests {
         steps.iter().map(|s| s.op.clone()).collect()
     }
 
-    fn cidr(text: &str) -> Ipv4Cidr {
+    fn cidr(text: &str) -> IpCidr {
         parse_cidr("test", "cidr", text).unwrap()
     }
 
@@ -952,10 +990,11 @@ pub(crate) mod tests {
 
     #[test]
     fn cidrs_parse() {
+        let ip = |text: &str| text.parse::<IpAddr>().unwrap();
         assert_eq!(
             cidr("10.88.0.5/16"),
-            Ipv4Cidr {
-                addr: Ipv4Addr::new(10, 88, 0, 5),
+            IpCidr {
+                addr: ip("10.88.0.5"),
                 prefix_len: 16
             }
         );
@@ -963,13 +1002,23 @@ pub(crate) mod tests {
             cidr("10.88.0.5/16").broadcast(),
             Some(Ipv4Addr::new(10, 88, 255, 255))
         );
-        assert_eq!(cidr("10.88.0.5/16").network(), Ipv4Addr::new(10, 88, 0, 0));
-        assert_eq!(cidr("0.0.0.0/0").network(), Ipv4Addr::UNSPECIFIED);
+        assert_eq!(cidr("10.88.0.5/16").network(), ip("10.88.0.0"));
+        assert_eq!(cidr("0.0.0.0/0").network(), ip("0.0.0.0"));
+        assert_eq!(cidr("0.0.0.0/0").broadcast(), Some(Ipv4Addr::BROADCAST));
         assert_eq!(cidr("10.0.0.1/31").broadcast(), None);
-        assert_eq!(cidr("10.0.0.1/32").network(), Ipv4Addr::new(10, 0, 0, 1));
+        assert_eq!(cidr("10.0.0.1/32").network(), ip("10.0.0.1"));
+        assert_eq!(cidr("fd00:1:2::5/64").network(), ip("fd00:1:2::"));
+        assert_eq!(cidr("fd00:1:2::5/64").broadcast(), None);
+        assert_eq!(cidr("fd00:1:2:ffff::5/49").network(), ip("fd00:1:2:8000::"));
+        assert_eq!(cidr("::/0").network(), ip("::"));
+        assert_eq!(cidr("fd00::5/128").network(), ip("fd00::5"));
+        assert_eq!(cidr("FD00::5/128").to_string(), "fd00::5/128");
         for (bad, why) in [
             ("10.88.0.5", "needs a prefix length"),
+            ("fd00::5", "needs a prefix length"),
             ("10.88.0.5/33", "not 0 to 32"),
+            ("fd00::5/129", "not 0 to 128"),
+            ("fd00::5/64/1", "not 0 to 128"),
             ("10.88.0.5/+8", "not 0 to 32"),
             ("10.88.0.5/", "not 0 to 32"),
             ("10.88.0/16", "is not an IP address"),
@@ -986,23 +1035,61 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn ipv6_is_refused_clearly() {
-        let e =
-            InterfaceConfig::parse("02:00:00:00:00:01", "eth0", &["fd00::5/64"], 0).unwrap_err();
-        assert!(matches!(e, SandboxError::Ipv6Unsupported { .. }), "{e:?}");
+    fn ipv6_and_dual_stack_parse() {
+        let i = InterfaceConfig::parse(
+            "02:00:00:00:00:01",
+            "eth0",
+            &["10.88.0.5/16", "fd00:88::5/64"],
+            0,
+        )
+        .unwrap();
+        assert_eq!(i.addresses, [cidr("10.88.0.5/16"), cidr("fd00:88::5/64")]);
+        let default = RouteConfig::parse("", "fd00:88::1", "eth0", "").unwrap();
         assert_eq!(
-            e.to_string(),
-            "interface 02:00:00:00:00:01: fd00::5/64 is IPv6, but the guest kernel is built \
-             without IPv6: give the pod IPv4 addresses and routes only"
+            default,
+            RouteConfig::parse("::/0", "fd00:88::1", "eth0", "").unwrap()
         );
-        let e = RouteConfig::parse("::/0", "fd00::1", "", "").unwrap_err();
-        assert!(e.to_string().contains("is built without IPv6"), "{e}");
-        let e = RouteConfig::parse("", "fd00::1", "", "").unwrap_err();
-        assert!(
-            e.to_string()
-                .starts_with("route default via fd00::1: fd00::1 is IPv6"),
-            "{e}"
-        );
+        assert_eq!(default.destination, cidr("::/0"));
+        assert_eq!(default.to_string(), "default via fd00:88::1 dev eth0");
+        // A default route by device alone is IPv4's, unless its source says otherwise.
+        let by_device = RouteConfig::parse("", "", "eth0", "").unwrap();
+        assert_eq!(by_device.destination, cidr("0.0.0.0/0"));
+        let by_source = RouteConfig::parse("", "", "eth0", "fd00:88::5").unwrap();
+        assert_eq!(by_source.destination, cidr("::/0"));
+        let link_local = RouteConfig::parse("fd00:99::/48", "fe80::1", "eth0", "").unwrap();
+        assert_eq!(link_local.to_string(), "fd00:99::/48 via fe80::1 dev eth0");
+        for (dst, gw, src, why) in [
+            (
+                "10.0.0.0/8",
+                "fd00::1",
+                "",
+                "route 10.0.0.0/8 via fd00::1: gateway fd00::1 is IPv6, the destination \
+                 IPv4 10.0.0.0/8: a route's addresses must all be IPv4 or all IPv6",
+            ),
+            (
+                "::/0",
+                "10.0.0.1",
+                "",
+                "route default via 10.0.0.1: gateway 10.0.0.1 is IPv4, the destination \
+                 IPv6 ::/0",
+            ),
+            (
+                "",
+                "fd00::1",
+                "10.0.0.5",
+                "route default via fd00::1: source 10.0.0.5 is IPv4, the destination IPv6",
+            ),
+            (
+                "fd00:99::1/48",
+                "fd00::1",
+                "",
+                "host bits set: did you mean fd00:99::/48?",
+            ),
+        ] {
+            let e = RouteConfig::parse(dst, gw, "", src).unwrap_err();
+            assert!(matches!(e, SandboxError::Invalid { .. }), "{e:?}");
+            assert!(e.to_string().contains(why), "{e}");
+        }
     }
 
     #[test]
@@ -1119,11 +1206,11 @@ pub(crate) mod tests {
                     index: 2,
                     mtu: 1400
                 },
+                Op::Up { index: 2 },
                 Op::AddAddress {
                     index: 2,
                     cidr: cidr("10.88.0.5/16")
                 },
-                Op::Up { index: 2 },
                 Op::AddRoute {
                     route: net.routes[0].clone(),
                     oif: None
@@ -1135,7 +1222,7 @@ pub(crate) mod tests {
             ]
         );
         assert_eq!(
-            steps[2].what,
+            steps[3].what,
             "interface 52:54:00:12:34:56 (eth0): adding address 10.88.0.5/16"
         );
         assert_eq!(steps[4].what, "route default via 10.88.0.1");
@@ -1276,7 +1363,7 @@ pub(crate) mod tests {
                 InterfaceConfig::parse(
                     "02:00:00:AA:BB:01",
                     "eth1",
-                    &["10.88.0.5/16", "192.168.77.2/24"],
+                    &["10.88.0.5/16", "192.168.77.2/24", "fd00:88::5/64"],
                     1400,
                 )
                 .unwrap(),
@@ -1286,6 +1373,8 @@ pub(crate) mod tests {
                 RouteConfig::parse("", "10.88.0.1", "", "").unwrap(),
                 RouteConfig::parse("10.99.0.0/16", "192.168.77.1", "eth1", "192.168.77.2").unwrap(),
                 RouteConfig::parse("172.30.0.0/16", "", "net2", "").unwrap(),
+                RouteConfig::parse("", "fd00:88::1", "eth1", "").unwrap(),
+                RouteConfig::parse("fd00:99::/48", "fe80::1", "net2", "").unwrap(),
             ],
         }
     }
@@ -1317,6 +1406,23 @@ pub(crate) mod tests {
                 "default via 10.88.0.1 dev eth1",
                 "10.99.0.0/16 via 192.168.77.1 dev eth1 src 192.168.77.2",
                 "172.30.0.0/16 dev net2 scope link",
+            ]
+        );
+        // Usable at once: not "tentative" while duplicate address detection runs.
+        let addrs = ip(&["-6", "-o", "addr", "show", "scope", "global"]);
+        assert!(
+            addrs.contains("eth1    inet6 fd00:88::5/64 scope global nodad"),
+            "{addrs}"
+        );
+        assert!(!addrs.contains("tentative"), "{addrs}");
+        assert_eq!(addrs.lines().count(), 1, "each address once:\n{addrs}");
+        let routes = ip(&["-6", "route", "show", "proto", "boot"]);
+        let routes: Vec<&str> = routes.lines().map(str::trim_end).collect();
+        assert_eq!(
+            routes,
+            [
+                "fd00:99::/48 via fe80::1 dev net2 metric 1024 pref medium",
+                "default via fd00:88::1 dev eth1 metric 1024 pref medium",
             ]
         );
     }

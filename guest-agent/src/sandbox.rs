@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use nix::libc;
 
 pub use crate::network::{
-    configure_network, InterfaceConfig, Ipv4Cidr, MacAddr, RouteConfig, SandboxNetwork,
+    configure_network, InterfaceConfig, IpCidr, MacAddr, RouteConfig, SandboxNetwork,
 };
 
 /// Where [`prepare`] writes the DNS configuration.
@@ -52,11 +52,6 @@ pub enum SandboxError {
     /// The request asks for something malformed or impossible; it changed nothing.
     #[error("{object}: {reason}")]
     Invalid { object: String, reason: String },
-    #[error(
-        "{object}: {address} is IPv6, but the guest kernel is built without IPv6: \
-         give the pod IPv4 addresses and routes only"
-    )]
-    Ipv6Unsupported { object: String, address: String },
     #[error(
         "{object}: no guest interface has this MAC (the VM's --net mac= must match; \
          the guest has: {present})"
