@@ -9,8 +9,9 @@
 //! In the pod's network namespace the shim creates a tap and two `ingress` qdiscs with
 //! one filter each: whatever enters the veth leaves by the tap (to the VMM) and
 //! whatever the VMM writes to the tap leaves by the veth. The guest's NIC takes the
-//! veth's MAC, MTU, addresses and routes, so for the rest of the cluster the guest *is*
-//! the veth's end; nothing else on the host changes. The filters are `u32` with one key
+//! veth's MAC, MTU, addresses and routes of both families (IPv4 and IPv6, for
+//! dual-stack pods), so for the rest of the cluster the guest *is* the veth's end;
+//! nothing else on the host changes. The filters are `u32` with one key
 //! that matches everything (`match u8 0 0`): this host's kernel has neither matchall
 //! nor flower.
 //!
@@ -29,7 +30,7 @@
 use std::fmt;
 use std::fs::File;
 use std::io;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::IpAddr;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -38,7 +39,7 @@ use netlink_packet_core::{
     NetlinkBuffer, NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_CREATE,
     NLM_F_DUMP, NLM_F_EXCL, NLM_F_REQUEST,
 };
-use netlink_packet_route::address::{AddressAttribute, AddressMessage};
+use netlink_packet_route::address::{AddressAttribute, AddressFlags, AddressMessage, AddressScope};
 use netlink_packet_route::link::{LinkAttribute, LinkExtentMask, LinkFlags, LinkMessage};
 use netlink_packet_route::route::{
     RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteType,
@@ -52,10 +53,10 @@ use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
 use netlink_sys::{protocols::NETLINK_ROUTE, Socket};
 use peapod_netlink::{check_ifname, kernel_message};
 
-/// One IPv4 route for the guest, as the agent's protocol has it.
+/// One route for the guest, IPv4 or IPv6, as the agent's protocol has it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Route {
-    /// `0.0.0.0/0` for the default route, else a network such as `10.1.0.0/16`.
+    /// `0.0.0.0/0` or `::/0` for a default route, else a network such as `10.1.0.0/16`.
     pub destination: String,
     /// Empty for a route without a gateway (on-link).
     pub gateway: String,
@@ -73,7 +74,9 @@ pub struct GuestInterface {
     /// The veth's MAC, `aa:bb:cc:dd:ee:ff`: give it to the VMM (`--net fd=N,mac=..`).
     pub mac: String,
     pub mtu: u32,
-    /// IPv4 addresses with prefix length, as `10.88.0.5/16`.
+    /// Addresses with prefix length, IPv4 then IPv6, as `10.88.0.5/16` and
+    /// `fd00:88::5/64`: the veth's permanent ones, not its link-local IPv6 address (the
+    /// guest's kernel makes the same from the MAC).
     pub addresses: Vec<String>,
 }
 
@@ -111,13 +114,13 @@ pub enum NetworkError {
     )]
     EnterNamespace { netns: PathBuf, source: io::Error },
     #[error(
-        "network namespace {netns}: no interface but lo has an IPv4 address (interfaces: \
-         {present}); peapod wires the pod's one IPv4 interface to the VM: check that the \
-         CNI plugin ran and gave the pod an IPv4 address"
+        "network namespace {netns}: no interface but lo has an IP address (interfaces: \
+         {present}); peapod wires the pod's one addressed interface to the VM: check that \
+         the CNI plugin ran and gave the pod an IPv4 or IPv6 address"
     )]
     NoInterface { netns: PathBuf, present: String },
     #[error(
-        "network namespace {netns}: several interfaces have IPv4 addresses ({names}); \
+        "network namespace {netns}: several interfaces have IP addresses ({names}); \
          peapod wires exactly one to the VM: give the pod a single CNI network"
     )]
     SeveralInterfaces { netns: PathBuf, names: String },
@@ -140,7 +143,7 @@ pub enum NetworkError {
 }
 
 impl PodNetwork {
-    /// Finds the one non-loopback interface with an IPv4 address in `netns` (error
+    /// Finds the one non-loopback interface with an IP address in `netns` (error
     /// naming the namespace if none, or more than one), reads it, creates the tap
     /// `tap_name` and the two filters. On failure nothing is left behind.
     ///
@@ -264,8 +267,8 @@ fn attach_here(netns: &Path, tap_name: &str) -> Result<PodNetwork, NetworkError>
         .links()
         .map_err(fail("listing the interfaces".into()))?;
     let addresses = rtnl
-        .ipv4_addresses()
-        .map_err(fail("listing the IPv4 addresses".into()))?;
+        .addresses()
+        .map_err(fail("listing the IP addresses".into()))?;
     let candidates: Vec<&Link> = links
         .iter()
         .filter(|l| !l.loopback && addresses.iter().any(|(i, _)| *i == l.index))
@@ -318,8 +321,8 @@ fn attach_here(netns: &Path, tap_name: &str) -> Result<PodNetwork, NetworkError>
             .collect(),
     };
     let routes = rtnl
-        .ipv4_routes(veth.index, &veth.name)
-        .map_err(fail("listing the IPv4 routes".into()))?;
+        .routes(veth.index, &veth.name)
+        .map_err(fail("listing the routes".into()))?;
 
     // The tap first: if anything after fails, closing it deletes it, its qdisc and
     // its filter. The veth's qdisc comes last, and is the only thing to undo.
@@ -642,48 +645,36 @@ impl Rtnl {
         Ok(links)
     }
 
-    /// Every IPv4 address as (interface index, `a.b.c.d/len`).
-    fn ipv4_addresses(&mut self) -> Result<Vec<(u32, String)>, NlError> {
-        let mut request = AddressMessage::default();
-        request.header.family = AddressFamily::Inet;
+    /// Every address the guest takes, as (interface index, `a.b.c.d/len` or
+    /// `x:y::z/len`), IPv4 first (see [`guest_address`]).
+    fn addresses(&mut self) -> Result<Vec<(u32, String)>, NlError> {
         let mut out = Vec::new();
-        for message in self.dump(RouteNetlinkMessage::GetAddress(request))? {
-            let RouteNetlinkMessage::NewAddress(m) = message else {
-                continue;
-            };
-            if m.header.family != AddressFamily::Inet {
-                continue;
-            }
-            // IFA_LOCAL is the interface's own address (IFA_ADDRESS is the peer's on
-            // point-to-point links); either is there for an ordinary one.
-            let mut local = None;
-            let mut address = None;
-            for attribute in &m.attributes {
-                match attribute {
-                    AddressAttribute::Local(IpAddr::V4(a)) => local = Some(*a),
-                    AddressAttribute::Address(IpAddr::V4(a)) => address = Some(*a),
-                    _ => {}
+        for family in [AddressFamily::Inet, AddressFamily::Inet6] {
+            let mut request = AddressMessage::default();
+            request.header.family = family;
+            for message in self.dump(RouteNetlinkMessage::GetAddress(request))? {
+                if let RouteNetlinkMessage::NewAddress(m) = message {
+                    out.extend(guest_address(&m, family).map(|a| (m.header.index, a)));
                 }
-            }
-            if let Some(a) = local.or(address) {
-                out.push((m.header.index, format!("{a}/{}", m.header.prefix_len)));
             }
         }
         Ok(out)
     }
 
-    /// The main table's unicast IPv4 routes out of interface `index`, but the kernel's
-    /// own (`proto kernel`, made from addresses): on-link ones first.
-    fn ipv4_routes(&mut self, index: u32, device: &str) -> Result<Vec<Route>, NlError> {
-        let mut request = RouteMessage::default();
-        request.header.address_family = AddressFamily::Inet;
+    /// The main table's unicast routes of both families out of interface `index`, but
+    /// those the kernel or a router advertisement made: on-link ones first.
+    fn routes(&mut self, index: u32, device: &str) -> Result<Vec<Route>, NlError> {
         let mut routes = Vec::new();
-        for message in self.dump(RouteNetlinkMessage::GetRoute(request))? {
-            let RouteNetlinkMessage::NewRoute(m) = message else {
-                continue;
-            };
-            if let Some(route) = guest_route(&m, index, device) {
-                routes.push(route);
+        for family in [AddressFamily::Inet, AddressFamily::Inet6] {
+            let mut request = RouteMessage::default();
+            request.header.address_family = family;
+            for message in self.dump(RouteNetlinkMessage::GetRoute(request))? {
+                let RouteNetlinkMessage::NewRoute(m) = message else {
+                    continue;
+                };
+                if m.header.address_family == family {
+                    routes.extend(guest_route(&m, index, device));
+                }
             }
         }
         // Stable: the kernel's order otherwise.
@@ -787,34 +778,77 @@ fn redirect_filter(from: u32, to: u32) -> TcMessage {
     m
 }
 
-/// The guest's copy of a route of the dump, if it is one to copy: IPv4, unicast,
-/// main table, out of `index`, not the kernel's own.
+/// The guest's copy of an address of the dump (of `family`), if it is one to copy:
+/// an IPv4 address, or an IPv6 one of global scope that is permanent (CNI's; not one
+/// that autoconfiguration made, which the guest makes itself from the same router
+/// advertisements) and that passed duplicate address detection.
+fn guest_address(m: &AddressMessage, family: AddressFamily) -> Option<String> {
+    if m.header.family != family {
+        return None;
+    }
+    // IFA_LOCAL is the interface's own address (IFA_ADDRESS is the peer's on
+    // point-to-point links); either is there for an ordinary one.
+    let mut local = None;
+    let mut address = None;
+    // The header's flags are the low 8 bits of IFA_FLAGS, which wins when present.
+    let mut flags = AddressFlags::from_bits_truncate(u32::from(m.header.flags.bits()));
+    for attribute in &m.attributes {
+        match attribute {
+            AddressAttribute::Local(a) => local = Some(*a),
+            AddressAttribute::Address(a) => address = Some(*a),
+            AddressAttribute::Flags(f) => flags = *f,
+            _ => {}
+        }
+    }
+    let addr = local.or(address)?;
+    if addr.is_ipv6()
+        && (m.header.scope != AddressScope::Universe
+            || !flags.contains(AddressFlags::Permanent)
+            || flags.contains(AddressFlags::Dadfailed))
+    {
+        return None;
+    }
+    Some(format!("{addr}/{}", m.header.prefix_len))
+}
+
+/// The guest's copy of a route of the dump, if it is one to copy: unicast, main
+/// table, out of `index`, not one the kernel made from an address (`proto kernel`) or
+/// from a router advertisement (`proto ra`: the guest hears the same advertisements).
 fn guest_route(m: &RouteMessage, index: u32, device: &str) -> Option<Route> {
     let h = &m.header;
-    if h.address_family != AddressFamily::Inet
-        || h.kind != RouteType::Unicast
-        || h.protocol == RouteProtocol::Kernel
+    if h.kind != RouteType::Unicast
+        || matches!(h.protocol, RouteProtocol::Kernel | RouteProtocol::Ra)
     {
         return None;
     }
     let mut table = u32::from(h.table);
     let mut oif = None;
-    let mut destination = Ipv4Addr::UNSPECIFIED;
+    let mut destination = None;
     let mut gateway = None;
     let mut source = None;
+    let ip = |a: &RouteAddress| match a {
+        RouteAddress::Inet(a) => Some(IpAddr::V4(*a)),
+        RouteAddress::Inet6(a) => Some(IpAddr::V6(*a)),
+        _ => None,
+    };
     for attribute in &m.attributes {
         match attribute {
             RouteAttribute::Table(t) => table = *t,
             RouteAttribute::Oif(i) => oif = Some(*i),
-            RouteAttribute::Destination(RouteAddress::Inet(a)) => destination = *a,
-            RouteAttribute::Gateway(RouteAddress::Inet(a)) => gateway = Some(*a),
-            RouteAttribute::PrefSource(RouteAddress::Inet(a)) => source = Some(*a),
+            RouteAttribute::Destination(a) => destination = ip(a),
+            RouteAttribute::Gateway(a) => gateway = ip(a),
+            RouteAttribute::PrefSource(a) => source = ip(a),
             _ => {}
         }
     }
     if table != u32::from(RouteHeader::RT_TABLE_MAIN) || oif != Some(index) {
         return None;
     }
+    let destination = match (destination, h.address_family) {
+        (Some(d), _) => d.to_string(),
+        (None, AddressFamily::Inet6) => "::".to_string(),
+        (None, _) => "0.0.0.0".to_string(),
+    };
     Some(Route {
         destination: format!("{destination}/{}", h.destination_prefix_length),
         gateway: gateway.map(|g| g.to_string()).unwrap_or_default(),
@@ -834,7 +868,7 @@ fn malformed(e: impl fmt::Display) -> io::Error {
 mod tests {
     use super::*;
     use std::io::{Read, Write};
-    use std::net::UdpSocket;
+    use std::net::{Ipv4Addr, UdpSocket};
     use std::process::Command;
     use std::sync::atomic::{AtomicU32, Ordering};
     use std::time::Instant;
@@ -853,11 +887,15 @@ mod tests {
         tap: String,
         pod_ip: Ipv4Addr,
         peer_ip: Ipv4Addr,
+        /// The IPv6 prefix of the dual-stack fixture, `fd77:<n>::` (a /64).
+        prefix6: String,
     }
 
     impl Fixture {
-        /// With `address`, the pod's veth gets `pod_ip/24`, MTU 1400, a default route
-        /// via the peer, a gateway route and an on-link route, like CNI gives.
+        /// With `address`, the pod's veth gets `pod_ip/24` and `<prefix6>2/64`, MTU
+        /// 1400, a default route of each family via the peer, a gateway route and an
+        /// on-link route, like CNI gives; and what CNI does not give: an address and a
+        /// route of the kind IPv6 autoconfiguration makes.
         fn new(address: bool) -> Self {
             crate::test_util::require_root("it creates network namespaces, veths and taps");
             static NEXT: AtomicU32 = AtomicU32::new(0);
@@ -872,6 +910,7 @@ mod tests {
                 tap: format!("st{pid}x{n}"),
                 pod_ip: Ipv4Addr::new(10, 77, b, 2),
                 peer_ip: Ipv4Addr::new(10, 77, b, 1),
+                prefix6: format!("fd77:{b}::"),
             };
             // From here on Drop cleans up, whatever fails.
             run("ip", &["netns", "add", &f.pod]);
@@ -946,6 +985,29 @@ mod tests {
                     "ip",
                     &["-n", &f.pod, "route", "add", "192.0.2.1/32", "dev", &f.veth],
                 );
+                let (pod6, gw6) = (format!("{}2/64", f.prefix6), format!("{}1", f.prefix6));
+                let v6 = |args: &[&str]| {
+                    let mut all = vec!["-n", &f.pod, "-6"];
+                    all.extend_from_slice(args);
+                    run("ip", &all);
+                };
+                v6(&["addr", "add", &pod6, "dev", &f.veth, "nodad"]);
+                v6(&["route", "add", "default", "via", &gw6, "dev", &f.veth]);
+                // Autoconfiguration's kinds: an address with lifetimes, a route from
+                // an advertisement. The guest makes its own; the shim copies neither.
+                v6(&[
+                    "addr",
+                    "add",
+                    "fd78::2/64",
+                    "dev",
+                    &f.veth,
+                    "nodad",
+                    "valid_lft",
+                    "600",
+                    "preferred_lft",
+                    "600",
+                ]);
+                v6(&["route", "add", "fd79::/64", "via", &gw6, "proto", "ra"]);
             }
             f
         }
@@ -1058,7 +1120,7 @@ mod tests {
                 name: f.veth.clone(),
                 mac: VETH_MAC.to_string(),
                 mtu: 1400,
-                addresses: vec![format!("{}/24", f.pod_ip)],
+                addresses: vec![format!("{}/24", f.pod_ip), format!("{}2/64", f.prefix6)],
             }
         );
         let route = |dst: &str, gw: &str, src: &str| Route {
@@ -1074,8 +1136,9 @@ mod tests {
                 route("192.0.2.1/32", "", ""),
                 route("0.0.0.0/0", &gw, ""),
                 route("10.200.0.0/16", &gw, &f.pod_ip.to_string()),
+                route("::/0", &format!("{}1", f.prefix6), ""),
             ],
-            "on-link first, no proto kernel route"
+            "on-link first, no proto kernel or proto ra route"
         );
 
         // The tap: up, with the veth's MTU, and both redirects in place.
@@ -1173,7 +1236,7 @@ mod tests {
     }
 
     #[test]
-    fn attach_without_an_ipv4_interface_names_the_namespace() {
+    fn attach_without_an_addressed_interface_names_the_namespace() {
         let f = Fixture::new(false);
         let e = PodNetwork::attach(&f.netns(), &f.tap).unwrap_err();
         let text = e.to_string();
@@ -1186,7 +1249,7 @@ mod tests {
     }
 
     #[test]
-    fn attach_refuses_several_ipv4_interfaces() {
+    fn attach_refuses_several_addressed_interfaces() {
         let f = Fixture::new(true);
         // (No dummy driver on this host: a second veth pair, both ends in the pod.)
         let dummy = format!("sd{}", std::process::id());
