@@ -52,6 +52,17 @@ pub enum ShimError {
     )]
     MissingBootFile { pod: String, path: PathBuf },
     #[error(
+        "pod {pod}: {what} asks for {asked_mib} MiB of memory, more than this node has \
+         ({node_mib} MiB): a pod's VM cannot be larger than its node; lower the limit \
+         (resources.limits.memory) or run the pod on a node with more memory"
+    )]
+    LargerThanNode {
+        pod: String,
+        what: String,
+        asked_mib: u64,
+        node_mib: u64,
+    },
+    #[error(
         "pod {pod}: it uses the host's network (hostNetwork: true, or no network namespace \
          in its spec); a VM pod has its own network stack: run it with another \
          RuntimeClass or without host networking"

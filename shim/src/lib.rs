@@ -31,6 +31,7 @@ pub mod rootfs;
 pub mod sandbox_vm;
 pub mod service;
 pub mod shim;
+pub mod sizing;
 pub mod spec;
 pub mod state;
 pub mod stdio;

@@ -34,6 +34,7 @@ use crate::config::Config;
 use crate::error::{self, Result, ShimError};
 use crate::rootfs::{self, ImageLease, LayerCache, RootfsMount};
 use crate::sandbox_vm::{SandboxVm, VmEvent};
+use crate::sizing;
 use crate::spec::{OciSpec, BUNDLE_SPEC};
 use crate::state::{self, ContainerFiles, TaskRecord};
 use crate::stdio::{ProcessIo, StdioPaths};
@@ -188,6 +189,9 @@ impl Pod {
             source,
         })?;
         let (sandbox_id, is_sandbox) = spec.pod_identity(&id);
+        if let Some(node_mib) = sizing::node_memory_mib() {
+            sizing::check_fits_node(&self.config, &spec, &id, &sandbox_id, is_sandbox, node_mib)?;
+        }
 
         let vm = {
             let mut st = self.state.lock().await;

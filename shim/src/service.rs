@@ -59,6 +59,7 @@ fn code(e: &ShimError) -> Code {
         | E::PodStopping { .. }
         | E::MissingBootFile { .. } => Code::FAILED_PRECONDITION,
         E::HostNetwork { .. }
+        | E::LargerThanNode { .. }
         | E::Spec { .. }
         | E::ExecSpec { .. }
         | E::Rootfs { .. }

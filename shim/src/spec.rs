@@ -18,6 +18,9 @@ pub const BUNDLE_SPEC: &str = "config.json";
 /// The annotations CRI puts on every container's spec.
 const SANDBOX_ID: &str = "io.kubernetes.cri.sandbox-id";
 const CONTAINER_TYPE: &str = "io.kubernetes.cri.container-type";
+const SANDBOX_NAME: &str = "io.kubernetes.cri.sandbox-name";
+const SANDBOX_NAMESPACE: &str = "io.kubernetes.cri.sandbox-namespace";
+const CONTAINER_NAME: &str = "io.kubernetes.cri.container-name";
 
 #[derive(Debug, thiserror::Error)]
 pub enum SpecError {
@@ -90,6 +93,39 @@ impl OciSpec {
             (Some(sb), _) => (sb.to_string(), false),
             (None, _) => (id.to_string(), true),
         }
+    }
+
+    /// The pod as a user knows it, `namespace/name` from CRI's annotations, with the
+    /// sandbox id's first 12 characters; the id alone without them.
+    pub fn pod_display_name(&self, sandbox_id: &str) -> String {
+        let short = &sandbox_id[..sandbox_id.len().min(12)];
+        match (
+            self.annotation(SANDBOX_NAMESPACE),
+            self.annotation(SANDBOX_NAME),
+        ) {
+            (Some(ns), Some(name)) => format!("{ns}/{name} (sandbox {short})"),
+            (None, Some(name)) => format!("{name} (sandbox {short})"),
+            _ => sandbox_id.to_string(),
+        }
+    }
+
+    /// The container's name in its pod (CRI's annotation), else its id.
+    pub fn container_display_name(&self, id: &str) -> String {
+        self.annotation(CONTAINER_NAME).unwrap_or(id).to_string()
+    }
+
+    /// `linux.resources.memory.limit`, if the spec sets a positive one.
+    pub fn memory_limit(&self) -> Option<u64> {
+        let limit = self
+            .typed
+            .linux()
+            .as_ref()?
+            .resources()
+            .as_ref()?
+            .memory()
+            .as_ref()?
+            .limit()?;
+        u64::try_from(limit).ok().filter(|&l| l > 0)
     }
 
     pub fn network_namespace(&self) -> NetworkNamespace {
