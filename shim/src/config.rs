@@ -85,6 +85,14 @@ pub struct Config {
     /// and every task of the pod is reported exited. A hung guest kernel, a stuck
     /// agent or a starved vCPU cannot leave a pod Terminating.
     pub stop_timeout_secs: u64,
+    /// How often the shim probes a running guest's health (the agent's Health call,
+    /// with this as its deadline). 0: no probes.
+    pub health_interval_secs: u64,
+    /// After this many probes in a row go unanswered, the guest is taken as wedged:
+    /// the VM is ended from the host and every task of the pod is reported exited, so
+    /// that the kubelet sees the pod's containers end (and restarts them) instead of a
+    /// pod that stays Running with nothing working. Must be at least 1.
+    pub health_failures: u32,
     /// The VMM's seccomp filters; `false` passes `--no-seccomp`, to debug a VMM that
     /// its filter kills (SIGSYS). Never in production.
     pub vmm_seccomp: bool,
@@ -119,6 +127,8 @@ impl Default for Config {
             boot_timeout_secs: 120,
             agent_timeout_secs: 60,
             stop_timeout_secs: 10,
+            health_interval_secs: 10,
+            health_failures: 3,
             vmm_seccomp: true,
             jail: true,
             jail_id_base: DEFAULT_JAIL_ID_BASE,
@@ -140,6 +150,12 @@ impl Config {
     /// [`Config::stop_timeout_secs`] as a duration.
     pub fn stop_timeout(&self) -> std::time::Duration {
         std::time::Duration::from_secs(self.stop_timeout_secs)
+    }
+
+    /// [`Config::health_interval_secs`] as a duration; `None` for no probes.
+    pub fn health_interval(&self) -> Option<std::time::Duration> {
+        (self.health_interval_secs > 0)
+            .then(|| std::time::Duration::from_secs(self.health_interval_secs))
     }
 
     /// [`Config::agent_timeout_secs`] as a duration.
@@ -203,10 +219,11 @@ impl Config {
         if config.boot_timeout_secs == 0
             || config.agent_timeout_secs == 0
             || config.stop_timeout_secs < 2
+            || config.health_failures == 0
         {
             return Err(invalid(
-                "boot_timeout_secs and agent_timeout_secs must be at least 1, \
-                 stop_timeout_secs at least 2"
+                "boot_timeout_secs, agent_timeout_secs and health_failures must be at least \
+                 1, stop_timeout_secs at least 2"
                     .into(),
             ));
         }

@@ -266,6 +266,9 @@ impl SandboxVm {
         });
         made.disarm();
         vm.spawn_oom_watch(events_tx);
+        if let Some(interval) = config.health_interval() {
+            vm.spawn_health_watch(sandbox_id, interval, config.health_failures);
+        }
         Ok((vm, events))
     }
 
@@ -291,6 +294,58 @@ impl SandboxVm {
                         tokio::time::sleep(Duration::from_secs(1)).await;
                     }
                 }
+            }
+        });
+    }
+
+    /// Probes the guest every `interval` (Health, with `interval` as its deadline);
+    /// after `failures` unanswered probes in a row, ends the VM from the host, which
+    /// reports every task of the pod exited (the VMM's exit does). Ends with the VM.
+    fn spawn_health_watch(self: &Arc<Self>, pod: &str, interval: Duration, failures: u32) {
+        let vm = self.clone();
+        let pod = pod.to_string();
+        tokio::spawn(async move {
+            let req = agent_proto::HealthRequest::new();
+            let mut missed = 0u32;
+            let mut ticks = tokio::time::interval(interval);
+            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            ticks.tick().await;
+            loop {
+                ticks.tick().await;
+                if vm.is_gone() {
+                    return;
+                }
+                let cause = match vm.agent.health(ctx(interval), &req).await {
+                    Ok(_) => {
+                        if missed > 0 {
+                            log::info!("pod {pod}: the guest answers again after {missed} missed health probes");
+                        }
+                        missed = 0;
+                        continue;
+                    }
+                    Err(e) => e,
+                };
+                if vm.is_gone() {
+                    return;
+                }
+                missed += 1;
+                if missed < failures {
+                    log::warn!(
+                        "pod {pod}: the guest did not answer health probe {missed} of \
+                         {failures} within {interval:?}: {cause}"
+                    );
+                    continue;
+                }
+                log::error!(
+                    "pod {pod}: the guest answered none of {failures} health probes in a row \
+                     (one every {interval:?}; the last: {cause}): it is wedged (a hung kernel, \
+                     a stuck agent or a starved vCPU); ending its VM {} from the host, and \
+                     every container of the pod is reported exited. {}",
+                    vm.pid,
+                    vm.log_tail()
+                );
+                vm.kill().await;
+                return;
             }
         });
     }

@@ -41,6 +41,11 @@ const GUEST_DEADLINE_SECS: u32 = 300;
 /// The shim's stop bound in the tests' config: a signal answered slowly by a guest
 /// this kind of host slows down is not taken for a wedged guest.
 pub const STOP_DEADLINE_SECS: u32 = 30;
+/// The shim's health probes in the tests' config: one every this many seconds, and a
+/// guest that misses [`HEALTH_FAILURES`] in a row is ended. Longer than any answer of
+/// a live guest here, busy or not.
+pub const HEALTH_INTERVAL_SECS: u32 = 8;
+pub const HEALTH_FAILURES: u32 = 3;
 /// How long containerd may take to answer on its socket after a start.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(30);
 /// The CRI plugin, disabled unless [`ContainerdOptions::cri`] configures it.
@@ -71,6 +76,8 @@ pub struct PeapodConfig {
     pub agent_timeout_secs: Option<u32>,
     /// How long a stop waits for a guest that does not answer before the VM is ended.
     pub stop_timeout_secs: Option<u32>,
+    pub health_interval_secs: Option<u32>,
+    pub health_failures: Option<u32>,
     pub log_level: Option<String>,
     /// More `key = value` lines, written as given (TOML), for keys added later.
     pub extra: Vec<String>,
@@ -95,6 +102,8 @@ impl PeapodConfig {
             boot_timeout_secs: Some(GUEST_DEADLINE_SECS),
             agent_timeout_secs: Some(GUEST_DEADLINE_SECS),
             stop_timeout_secs: Some(STOP_DEADLINE_SECS),
+            health_interval_secs: Some(HEALTH_INTERVAL_SECS),
+            health_failures: Some(HEALTH_FAILURES),
             log_level: Some("debug".into()),
             extra: Vec::new(),
         }
@@ -123,6 +132,8 @@ impl PeapodConfig {
             ("boot_timeout_secs", self.boot_timeout_secs),
             ("agent_timeout_secs", self.agent_timeout_secs),
             ("stop_timeout_secs", self.stop_timeout_secs),
+            ("health_interval_secs", self.health_interval_secs),
+            ("health_failures", self.health_failures),
         ];
         for (key, value) in numbers {
             if let Some(n) = value {
