@@ -1,17 +1,20 @@
 //! A CNI network for a private containerd's CRI plugin, from Debian's
 //! containernetworking-plugins: the `bridge` plugin on a bridge of the test's own, with
-//! `host-local` addresses from a /24 of its own and IPAM state in the test's directory.
+//! `host-local` addresses from an IPv4 /24 and an IPv6 /64 of its own (a dual-stack
+//! network, as dual-stack clusters give pods) and IPAM state in the test's directory.
 //!
 //! ```text
-//!  host: bridge ppbr<pid><n> 10.a.b.1/24 (the pods' gateway; the host reaches pods here)
-//!    |-- veth ---- netns cni-...: eth0 10.a.b.2   (pod 1: CNI's veth; peapod adds a tap)
-//!    '-- veth ---- netns cni-...: eth0 10.a.b.3   (pod 2)
+//!  host: bridge ppbr<pid><n> 10.a.b.1/24, fd00:a:b::1/64 (the pods' gateway; the host
+//!    |                       reaches pods here)
+//!    |-- veth ---- netns cni-...: eth0 10.a.b.2, fd00:a:b::2   (pod 1: CNI's veth;
+//!    |                                                          peapod adds a tap)
+//!    '-- veth ---- netns cni-...: eth0 10.a.b.3, fd00:a:b::3   (pod 2)
 //! ```
 //!
 //! The bridge is made before the first pod (the plugin uses one that exists), so that it
 //! is part of the host as a test finds it before its pods, and deleted on drop.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -28,6 +31,8 @@ pub struct CniNetwork {
     pub bridge: String,
     pub gateway: Ipv4Addr,
     pub prefix_len: u8,
+    /// The IPv6 range's gateway, on the bridge too; the range is its /64.
+    pub gateway6: Ipv6Addr,
     /// The directory CRI reads conflists from (`[plugins.cri.cni] conf_dir`).
     pub conf_dir: PathBuf,
 }
@@ -55,6 +60,7 @@ impl CniNetwork {
             bridge: format!("ppbr{}x{n}", pid % 100_000),
             gateway: Ipv4Addr::new(10, a, b, 1),
             prefix_len: 24,
+            gateway6: Ipv6Addr::new(0xfd00, a.into(), b.into(), 0, 0, 0, 0, 1),
             conf_dir: dir.join("net.d"),
         };
         let _ = Command::new("ip")
@@ -87,11 +93,19 @@ impl CniNetwork {
                 "hairpinMode": false,
                 "ipam": {
                     "type": "host-local",
-                    "ranges": [[{
-                        "subnet": format!("10.{a}.{b}.0/24"),
-                        "gateway": net.gateway.to_string(),
-                    }]],
-                    "routes": [{ "dst": "0.0.0.0/0" }],
+                    "ranges": [
+                        [{
+                            "subnet": format!("10.{a}.{b}.0/24"),
+                            "gateway": net.gateway.to_string(),
+                        }],
+                        [{
+                            "subnet": format!("{}/64", Ipv6Addr::from(
+                                u128::from(net.gateway6) & !u128::from(u64::MAX)
+                            )),
+                            "gateway": net.gateway6.to_string(),
+                        }],
+                    ],
+                    "routes": [{ "dst": "0.0.0.0/0" }, { "dst": "::/0" }],
                     "dataDir": dir.join("ipam"),
                 },
             }],

@@ -12,7 +12,7 @@
 //! node.finish(); // nothing of the pods is left on the host
 //! ```
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -383,6 +383,21 @@ impl Node {
         self.run_pod_of(self.pod_config(name), handler)
     }
 
+    /// [`Node::run_pod`] of a pod with `securityContext.sysctls` (the kubelet sends
+    /// them in the sandbox config; containerd puts them in every container's spec).
+    pub fn run_pod_with_sysctls(&self, name: &str, handler: &str, sysctls: &[(&str, &str)]) -> Pod {
+        let mut config = self.pod_config(name);
+        config
+            .linux
+            .as_mut()
+            .expect("the pod config has linux")
+            .sysctls = sysctls
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        self.run_pod_of(config, handler)
+    }
+
     /// [`Node::run_pod`] of a pod with `securityContext.privileged` (what a pod with a
     /// privileged container has: CRI refuses such a container in any other pod).
     pub fn run_privileged_pod(&self, name: &str, handler: &str) -> Pod {
@@ -498,6 +513,29 @@ impl Node {
             "pod {}'s IP {ip} is not in the CNI network of {}",
             pod.name,
             self.net.gateway
+        );
+        ip
+    }
+
+    /// The pod's IPv6 address, as CRI reports it (among its additional IPs: the
+    /// network's IPv4 range comes first), checked to be in the CNI network's /64.
+    pub fn pod_ip6(&self, pod: &Pod) -> Ipv6Addr {
+        let status = self.pod_status(pod);
+        let ips = status
+            .network
+            .as_ref()
+            .map(|n| n.additional_ips.clone())
+            .unwrap_or_default();
+        let ip: Ipv6Addr = ips
+            .iter()
+            .find_map(|i| i.ip.parse().ok())
+            .unwrap_or_else(|| panic!("pod {}: no IPv6 address in {status:?}", pod.name));
+        assert_eq!(
+            u128::from(ip) >> 64,
+            u128::from(self.net.gateway6) >> 64,
+            "pod {}'s IPv6 address {ip} is not in the CNI network of {}",
+            pod.name,
+            self.net.gateway6
         );
         ip
     }

@@ -9,12 +9,14 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::os::unix::fs::MetadataExt;
+use std::path::Path;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use k8s_cri::v1::*;
 use peapod_tests::containerd::{
-    ContainerdOptions, ContainerdRelease, STOP_DEADLINE_SECS, VMM_NAME,
+    ContainerdOptions, ContainerdRelease, HEALTH_FAILURES, HEALTH_INTERVAL_SECS,
+    STOP_DEADLINE_SECS, VMM_NAME,
 };
 use peapod_tests::cri::{exec_stream, port_forward_stream, AttachedTerminal, PEAPOD_HANDLER};
 use peapod_tests::kubelet::{cri_log_lines, ContainerSpec, Node, CONTAINER_TIMEOUT};
@@ -35,6 +37,8 @@ const MIB: i64 = 1024 * 1024;
 /// The port the web pod serves on, and what it answers.
 const WEB_PORT: u16 = 8080;
 const WEB_REPLY: &str = "hi-from-the-web-pod";
+/// The web pod's IPv6 sysctl (a pod's `securityContext.sysctls`; default 1).
+const ACCEPT_RA: &str = "net.ipv6.conf.all.accept_ra";
 /// What the server container writes to its rootfs, in MiB.
 const WRITTEN_MIB: i64 = 50;
 /// What state_dir may grow by meanwhile (the VMM's and the shim's debug logs).
@@ -174,10 +178,12 @@ fn a_kubelet_runs_peapod_pods_beside_runc() {
         "runc: RuntimeDefault filters the exec and the container's init"
     );
 
-    // The web pod: a server with a memory limit.
-    let web = node.run_pod("web", PEAPOD_HANDLER);
+    // The web pod: a server with a memory limit, on the dual-stack network, with an
+    // IPv6 sysctl.
+    let web = node.run_pod_with_sysctls("web", PEAPOD_HANDLER, &[(ACCEPT_RA, "0")]);
     assert_eq!(node.pod_status(&web).runtime_handler, PEAPOD_HANDLER);
     let web_ip = node.pod_ip(&web);
+    let web_ip6 = node.pod_ip6(&web);
     let server_spec = ContainerSpec::shell(
         "server",
         &format!("echo server-started; exec nc -ll -p {WEB_PORT} -e echo {WEB_REPLY}"),
@@ -199,10 +205,41 @@ fn a_kubelet_runs_peapod_pods_beside_runc() {
         (128 * MIB).to_string(),
         "the container's memory limit inside the guest"
     );
+    // A limit the node cannot give: refused at CreateContainer, naming pod and fix.
+    let node_bytes = node_memory_bytes();
+    let huge = ContainerSpec::new("huge", &["true"]).memory_limit(2 * node_bytes);
+    let refused = node
+        .create_container(&web, &huge)
+        .map(|c| c.id)
+        .expect_err("a container with twice the node's memory as its limit");
+    for part in [
+        "pod default/web",
+        "container huge asks for",
+        "more than this node has",
+        "lower the limit",
+    ] {
+        assert!(refused.contains(part), "{part:?} in: {refused}");
+    }
     assert_eq!(
         node.exec_ok(&server, "ip -4 -o addr show eth0 | awk '{print $4}'"),
         format!("{web_ip}/{}", node.net.prefix_len),
         "the guest's eth0 has the pod IP CRI reports"
+    );
+    assert_eq!(
+        node.exec_ok(
+            &server,
+            &format!(
+                "ip -6 -o addr show eth0 scope global | awk '{{print $4}}'; \
+                 ip -6 route show default | cut -d' ' -f1-5; \
+                 cat /proc/sys/{}",
+                ACCEPT_RA.replace('.', "/")
+            )
+        ),
+        format!(
+            "{web_ip6}/64\ndefault via {} dev eth0\n0",
+            node.net.gateway6
+        ),
+        "the guest's eth0 has the pod's IPv6 address and route, and the pod's IPv6 sysctl"
     );
     assert_eq!(
         node.exec_ok(
@@ -264,9 +301,11 @@ fn a_kubelet_runs_peapod_pods_beside_runc() {
         "ContainerStats reports the writable layer's inodes: {layer:?}"
     );
 
-    // The host reaches the pod's port at its pod IP.
+    // The host reaches the pod's port at its pod IP, of either family.
     let from_host = read_until_closed(SocketAddr::from((web_ip, WEB_PORT)), CONTAINER_TIMEOUT);
     assert_eq!(from_host.trim(), WEB_REPLY, "host -> web pod");
+    let from_host = read_until_closed(SocketAddr::from((web_ip6, WEB_PORT)), CONTAINER_TIMEOUT);
+    assert_eq!(from_host.trim(), WEB_REPLY, "host -> web pod over IPv6");
 
     // `kubectl port-forward` to a server that listens only on the loopback in the
     // guest, started after the pod: a page, 16 MiB byte-exact, 8 connections at
@@ -733,6 +772,31 @@ fn a_kubelet_runs_peapod_pods_beside_runc() {
     );
     eprintln!("a frozen pod stopped and was removed in {took:?} (bound {bound:?})");
 
+    // A wedged guest that nobody stops: the shim's health probes go unanswered, it ends
+    // the VM from the host, and CRI sees the pod's sandbox exit (NOTREADY), as for a
+    // VM that died, so that the kubelet recreates the pod.
+    let vmm = node.sandbox_pid(&web);
+    // SAFETY: kill(2) of the web pod's VMM, a process of this test's node.
+    assert_eq!(unsafe { libc::kill(vmm, libc::SIGSTOP) }, 0);
+    let frozen = Instant::now();
+    let bound = Duration::from_secs((HEALTH_INTERVAL_SECS * (HEALTH_FAILURES + 1)).into());
+    let deadline = frozen + bound + Duration::from_secs(60);
+    while node.pod_status(&web).state != PodSandboxState::SandboxNotready as i32 {
+        assert!(
+            Instant::now() < deadline,
+            "a wedged pod is still ready {:?} after it froze (health bound {bound:?})\n{}",
+            frozen.elapsed(),
+            node.ctd.log_tail()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let took = frozen.elapsed();
+    assert!(
+        !Path::new(&format!("/proc/{vmm}")).exists(),
+        "the wedged pod's VMM {vmm} is gone"
+    );
+    eprintln!("a wedged pod's sandbox exited {took:?} after it froze (health bound {bound:?})");
+
     for pod in [&web, &runc_pod] {
         node.remove_pod(pod);
     }
@@ -910,6 +974,17 @@ fn pod_life_on(release: ContainerdRelease, major: u32) {
 }
 
 /// An HTTP/1.0 GET of `path` (the server closes when it has answered).
+/// The host's memory (`MemTotal`), in bytes.
+fn node_memory_bytes() -> i64 {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").expect("reading /proc/meminfo");
+    let kib: i64 = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .expect("MemTotal in /proc/meminfo");
+    kib * 1024
+}
+
 fn http_get(path: &str) -> Vec<u8> {
     format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").into_bytes()
 }
