@@ -12,7 +12,12 @@
 //!   guest RAM;
 //! - `kubectl port-forward`: time to the first byte and throughput of a 16 MiB HTTP
 //!   transfer through CRI's port-forward, against the same transfer from the host to
-//!   the pod IP, for a peapod pod and a runc pod (`PEAPOD_BENCH_RUNS` rounds, medians).
+//!   the pod IP, for a peapod pod and a runc pod (`PEAPOD_BENCH_RUNS` rounds, medians);
+//! - probes: `PEAPOD_BENCH_PROBES` ExecSyncs in a row (default 1,000, as the kubelet's
+//!   liveness and readiness probes make them over a pod's life), for a peapod pod and
+//!   a runc pod: p50 and p99 of one, and the shim's and VMM's descriptors and PSS and
+//!   the guest's open files and its agent's RSS before and after (an exec kept by the
+//!   shim or the agent after it was waited for would move them).
 //!
 //! `make bench`, or `cargo bench -p peapod-tests --bench cri` as root with the artefacts
 //! in the environment (as `make test` sets them).
@@ -210,14 +215,85 @@ fn port_forward_figures(node: &Node, runs: usize) {
     }
 }
 
+/// Descriptors and PSS (KiB) of the processes named `names`, summed.
+fn fds_and_pss(node: &Node, names: &[&str]) -> (usize, u64) {
+    let host = HostState::take(&node.host_filter());
+    let pids: Vec<i32> = names.iter().flat_map(|n| host.pids_named(n)).collect();
+    let fds = pids
+        .iter()
+        .map(|p| std::fs::read_dir(format!("/proc/{p}/fd")).map_or(0, |d| d.count()))
+        .sum();
+    (fds, pids.iter().map(|p| pss_kib(*p)).sum())
+}
+
+/// `probes` ExecSyncs of `true` in one pod of each handler; prints latency percentiles
+/// and what the node and the guest hold before and after.
+fn probe_figures(node: &Node, probes: usize) {
+    println!(
+        "
+probes: {probes} ExecSyncs of `true` in a row, one pod each"
+    );
+    println!("  pod    | p50      | p99      | shim(+VMM) fds | shim(+VMM) PSS MiB | guest");
+    for handler in ["", PEAPOD_HANDLER] {
+        let name = handler_name(handler);
+        let pod = node.run_pod(&format!("probes-{name}"), handler);
+        let c = node.run_container(&pod, &ContainerSpec::new("sleeper", &["sleep", "86400"]));
+        let names: &[&str] = if handler.is_empty() {
+            &[RUNC_SHIM]
+        } else {
+            &[SHIM, VMM]
+        };
+        // In the guest: open files, and the agent's (PID 1's) resident set.
+        let guest = || -> String {
+            if handler.is_empty() {
+                return "-".into();
+            }
+            node.exec_ok(
+                &c,
+                "cut -f1 /proc/sys/fs/file-nr; grep VmRSS /proc/1/status | tr -s ' ' | cut -d' ' -f2",
+            )
+            .replace('\n', " files, agent RSS ")
+        };
+        node.exec_ok(&c, "true");
+        let (fds0, pss0) = fds_and_pss(node, names);
+        let guest0 = guest();
+        let mut took = Vec::with_capacity(probes);
+        for i in 0..probes {
+            let t0 = Instant::now();
+            node.exec_ok(&c, "true");
+            took.push(t0.elapsed());
+            if (i + 1) % 100 == 0 {
+                eprintln!("{name}: {} probes", i + 1);
+            }
+        }
+        let (fds1, pss1) = fds_and_pss(node, names);
+        let guest1 = guest();
+        took.sort();
+        let p99 = took[(took.len() * 99 / 100).min(took.len() - 1)];
+        println!(
+            "  {name:6} | {:8.2?} | {p99:8.2?} | {fds0} -> {fds1} | {:.1} -> {:.1} | {guest0} / {guest1}",
+            took[took.len() / 2],
+            mib(pss0),
+            mib(pss1),
+        );
+        node.remove_pod(&pod);
+    }
+    println!("  (guest: open files and the agent's RSS in KiB, before / after)");
+}
+
 fn main() {
     let runs: usize = std::env::var("PEAPOD_BENCH_RUNS")
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(3);
+    let probes: usize = std::env::var("PEAPOD_BENCH_PROBES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1000);
     let node = Node::start();
 
     port_forward_figures(&node, runs);
+    probe_figures(&node, probes);
 
     // Start latency, rounds alternating so that both see the same machine.
     let mut times: BTreeMap<&str, Vec<Duration>> = BTreeMap::new();
