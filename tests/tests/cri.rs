@@ -205,13 +205,26 @@ fn a_kubelet_runs_peapod_pods_beside_runc() {
         (128 * MIB).to_string(),
         "the container's memory limit inside the guest"
     );
-    // A limit the node cannot give: refused at CreateContainer, naming pod and fix.
+    // A limit the node cannot give: refused when CRI makes its task (StartContainer),
+    // naming pod and fix; the container can then be removed.
     let node_bytes = node_memory_bytes();
     let huge = ContainerSpec::new("huge", &["true"]).memory_limit(2 * node_bytes);
-    let refused = node
+    let huge = node
         .create_container(&web, &huge)
-        .map(|c| c.id)
-        .expect_err("a container with twice the node's memory as its limit");
+        .expect("CreateContainer of huge");
+    let refused = node
+        .cri
+        .start_container(StartContainerRequest {
+            container_id: huge.id.clone(),
+        })
+        .map(|_| ())
+        .expect_err("a container with twice the node's memory as its limit")
+        .to_string();
+    node.cri
+        .remove_container(RemoveContainerRequest {
+            container_id: huge.id.clone(),
+        })
+        .expect("RemoveContainer of the refused container");
     for part in [
         "pod default/web",
         "container huge asks for",
