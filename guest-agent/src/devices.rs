@@ -354,19 +354,9 @@ fn load(id: &str, prog: &[Insn]) -> Result<OwnedFd, DevicesError> {
             attr.log_size = log.len() as u32;
             attr.log_buf = log.as_mut_ptr() as u64;
         }
-        // SAFETY: attr is a BPF_PROG_LOAD bpf_attr of the size passed; the pointers in
-        // it (instructions, license, log buffer of log_size bytes) outlive the call.
-        let fd = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_PROG_LOAD,
-                &attr as *const ProgLoadAttr,
-                std::mem::size_of::<ProgLoadAttr>(),
-            )
-        };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
+        // SAFETY: attr is BPF_PROG_LOAD's; the pointers in it (instructions, license,
+        // a log buffer of log_size bytes) outlive the call.
+        let fd = unsafe { bpf(BPF_PROG_LOAD, &attr) }?;
         // SAFETY: the kernel just returned this new descriptor to us alone.
         Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
     };
@@ -405,20 +395,30 @@ pub fn apply(id: &str, cgroup: &Path, rules: &[DeviceRule]) -> Result<(), Device
         attach_flags: BPF_F_ALLOW_MULTI,
         replace_bpf_fd: 0,
     };
-    // SAFETY: attr is a BPF_PROG_ATTACH bpf_attr of the size passed, naming two
-    // descriptors that stay open through the call.
+    // SAFETY: attr is BPF_PROG_ATTACH's, naming two descriptors open through the call.
+    unsafe { bpf(BPF_PROG_ATTACH, &attr) }.map_err(attach_error)?;
+    Ok(())
+}
+
+/// bpf(2) with command `cmd`.
+///
+/// # Safety
+/// `attr` must be the `union bpf_attr` member that `cmd` reads, and every pointer in
+/// it valid for what the kernel does with it.
+unsafe fn bpf<T>(cmd: libc::c_long, attr: &T) -> io::Result<libc::c_long> {
+    // SAFETY: the caller vouches for attr; its size is passed with it.
     let r = unsafe {
         libc::syscall(
             libc::SYS_bpf,
-            BPF_PROG_ATTACH,
-            &attr as *const ProgAttachAttr,
-            std::mem::size_of::<ProgAttachAttr>(),
+            cmd,
+            attr as *const T,
+            std::mem::size_of::<T>(),
         )
     };
     if r < 0 {
-        return Err(attach_error(io::Error::last_os_error()));
+        return Err(io::Error::last_os_error());
     }
-    Ok(())
+    Ok(r)
 }
 
 #[cfg(test)]
