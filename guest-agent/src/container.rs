@@ -19,6 +19,7 @@ use libcontainer::syscall::syscall::SyscallType;
 use nix::sys::signal::Signal;
 use peapod_agent_protocol as proto;
 
+use crate::devices::{self, DevicesError};
 use crate::lock;
 use crate::process::{ChildStdio, Process, Reaper};
 use crate::sandbox;
@@ -61,6 +62,8 @@ pub enum ContainerError {
     AlreadyStarted(String),
     #[error(transparent)]
     Spec(#[from] SpecError),
+    #[error(transparent)]
+    Devices(#[from] DevicesError),
     #[error("container {id}: storage: {cause}")]
     Storage { id: String, cause: String },
     #[error("container {id}: {step}: {cause}")]
@@ -145,6 +148,7 @@ impl Container {
             // container runs, as runc sets them in the pod's namespace.
             sandbox::apply_sysctls(Path::new(sandbox::SYSCTL_ROOT), &spec.network_sysctls)
                 .map_err(|e| ContainerError::runtime(id, "setting its network sysctls", e))?;
+            let device_rules = devices::container_rules(id, &spec.device_rules)?;
             write_json(&dir.join("config.json"), &spec.json)
                 .map_err(|e| ContainerError::runtime(id, "writing config.json", e))?;
             let (init, child) = Process::new(id.to_owned(), req.stdio)
@@ -157,7 +161,22 @@ impl Container {
                 .with_systemd(false)
                 .with_detach(true)
                 .build();
-            let handle = match built {
+            // The process waits in its cgroup for StartContainer: the device rules are
+            // in place before anything of the image runs.
+            let cgroup_dir = Path::new(CGROUP_ROOT).join(CGROUP_PARENT).join(id);
+            let handle = built
+                .map_err(|e| ContainerError::runtime(id, "creating the container", e))
+                .and_then(|mut handle| {
+                    match devices::apply(id, &cgroup_dir, &device_rules) {
+                        Ok(()) => Ok(handle),
+                        Err(e) => {
+                            // Killed and reaped as a process the reaper does not know.
+                            let _ = handle.delete(true);
+                            Err(e.into())
+                        }
+                    }
+                });
+            let handle = match handle {
                 Ok(h) => h,
                 Err(e) => {
                     drop(spawning);
@@ -165,8 +184,8 @@ impl Container {
                         c.abandon();
                     }
                     let _ = fs::remove_dir_all(Path::new(RUNTIME_DIR).join(id));
-                    let _ = fs::remove_dir(Path::new(CGROUP_ROOT).join(CGROUP_PARENT).join(id));
-                    return Err(ContainerError::runtime(id, "creating the container", e));
+                    let _ = fs::remove_dir(&cgroup_dir);
+                    return Err(e);
                 }
             };
             let pid = handle.pid().ok_or_else(|| {

@@ -19,6 +19,7 @@ use ttrpc::r#async::TtrpcContext;
 use crate::beneath::Beneath;
 use crate::cgroups::OomWatcher;
 use crate::container::{Container, ContainerError, CreateRequest};
+use crate::devices::DevicesError;
 use crate::process::Reaper;
 use crate::{handshake, lock, sandbox};
 
@@ -47,11 +48,15 @@ impl From<ContainerError> for ttrpc::Error {
         let code = match &e {
             ContainerError::NotFound(_) | ContainerError::NoExec { .. } => Code::NOT_FOUND,
             ContainerError::Exists(_) | ContainerError::ExecExists { .. } => Code::ALREADY_EXISTS,
-            ContainerError::BadId { .. } | ContainerError::Spec(_) => Code::INVALID_ARGUMENT,
+            ContainerError::BadId { .. }
+            | ContainerError::Spec(_)
+            | ContainerError::Devices(DevicesError::BadRule { .. }) => Code::INVALID_ARGUMENT,
             ContainerError::NotRunning(_)
             | ContainerError::AlreadyStarted(_)
             | ContainerError::ExecRunning { .. } => Code::FAILED_PRECONDITION,
-            ContainerError::Storage { .. } | ContainerError::Runtime { .. } => Code::INTERNAL,
+            ContainerError::Storage { .. }
+            | ContainerError::Runtime { .. }
+            | ContainerError::Devices(_) => Code::INTERNAL,
         };
         log::warn!("{e}");
         status(code, e)

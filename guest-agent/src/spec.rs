@@ -9,7 +9,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use oci_spec::runtime::{LinuxSeccomp, LinuxSeccompAction};
+use oci_spec::runtime::{LinuxDeviceCgroup, LinuxSeccomp, LinuxSeccompAction};
 use serde_json::{json, Value};
 
 use crate::beneath::Beneath;
@@ -67,6 +67,9 @@ pub struct GuestSpec {
     /// which is the guest's own, and the agent writes them there (see
     /// [`take_network_sysctls`]).
     pub network_sysctls: BTreeMap<String, String>,
+    /// The spec's device rules (`linux.resources.devices`), which libcontainer
+    /// leaves to the agent (see devices.rs).
+    pub device_rules: Vec<LinuxDeviceCgroup>,
 }
 
 /// Parses and rewrites a container's spec for the guest.
@@ -85,6 +88,12 @@ pub fn guest_spec(raw: &[u8], ctx: &GuestContext) -> Result<GuestSpec, SpecError
         }
     })?;
     let seccomp = typed.linux().as_ref().and_then(|l| l.seccomp().clone());
+    let device_rules = typed
+        .linux()
+        .as_ref()
+        .and_then(|l| l.resources().as_ref())
+        .and_then(|r| r.devices().clone())
+        .unwrap_or_default();
     if seccomp.as_ref().is_some_and(notifies) {
         return Err(SpecError::SeccompNotify { id });
     }
@@ -148,6 +157,7 @@ pub fn guest_spec(raw: &[u8], ctx: &GuestContext) -> Result<GuestSpec, SpecError
         json: spec,
         seccomp,
         network_sysctls,
+        device_rules,
     })
 }
 

@@ -29,7 +29,7 @@ pub const SPEC_HOSTNAME: &str = "peapod-test";
 /// The applets the busybox layer links in /bin.
 pub const APPLETS: &[&str] = &[
     "sh", "cat", "echo", "uname", "sleep", "id", "ls", "head", "hostname", "true", "false", "dd",
-    "env", "pwd", "mkdir", "touch", "stat", "tty", "wc", "tr", "rm", "kill", "ps", "grep",
+    "env", "pwd", "mkdir", "touch", "stat", "tty", "wc", "tr", "rm", "kill", "ps", "grep", "mknod",
 ];
 
 /// A disk image for a block slot, and how the agent should mount it.
@@ -246,9 +246,25 @@ pub fn upper_disk(dir: &Path, size: u64) -> DiskImage {
 /// runc's default capabilities (`runc spec`).
 pub const DEFAULT_CAPS: &[&str] = &["CAP_AUDIT_WRITE", "CAP_KILL", "CAP_NET_BIND_SERVICE"];
 
+/// The device rules containerd's CRI gives a container that is not privileged: its
+/// default spec's deny-all, then `oci.WithDefaultUnixDevices` (null, random, full,
+/// tty, zero, urandom, console, ptys, ptmx, tun).
+pub fn cri_device_rules() -> Value {
+    let mut rules = vec![json!({ "allow": false, "access": "rwm" })];
+    for (major, minor) in [(1, 3), (1, 8), (1, 7), (5, 0), (1, 5), (1, 9), (5, 1)] {
+        rules.push(
+            json!({ "allow": true, "type": "c", "major": major, "minor": minor, "access": "rwm" }),
+        );
+    }
+    rules.push(json!({ "allow": true, "type": "c", "major": 136, "access": "rwm" }));
+    rules.push(json!({ "allow": true, "type": "c", "major": 5, "minor": 2, "access": "rwm" }));
+    rules.push(json!({ "allow": true, "type": "c", "major": 10, "minor": 200, "access": "rwm" }));
+    Value::Array(rules)
+}
+
 /// An OCI runtime spec (config.json) like `runc spec` writes, running `args`: root
 /// 0:0, runc's default capabilities, mounts, namespaces (network too: the agent drops
-/// it), masked and read-only paths, and its device cgroup rule.
+/// it), masked and read-only paths, and containerd's CRI device rules.
 pub fn oci_spec(args: &[&str], terminal: bool) -> Value {
     let mut env = vec![SPEC_PATH];
     if terminal {
@@ -301,7 +317,7 @@ pub fn oci_spec(args: &[&str], terminal: bool) -> Value {
         ],
         "linux": {
             "resources": {
-                "devices": [{ "allow": false, "access": "rwm" }],
+                "devices": cri_device_rules(),
             },
             "namespaces": [
                 { "type": "pid" },

@@ -21,7 +21,9 @@
 //!    plants symlinks in a volume the host copied in (`CopyFile`), to the guest's
 //!    /etc and to its rootfs (another container's, to any other): `CopyFile`
 //!    through them fails, naming the path and the cause, and writes nothing there;
-//!    the kubelet's `..data` swap in that volume still reaches c4.
+//!    the kubelet's `..data` swap in that volume still reaches c4. An exec into c4
+//!    with CAP_MKNOD makes a node of c1's upper disk but cannot open it (the device
+//!    rules of containerd's CRI, applied in the guest); /dev/null still opens.
 //! g. Bad input (a disk that is not attached, a spec that is not JSON) gets errors
 //!    naming the cause, and the agent still answers and c4 still runs.
 //! h. `DestroySandbox` (c4 still running) powers the VM off: the VMM exits on its
@@ -177,6 +179,20 @@ fn exec_request(
     r.oci_process = to_bytes(&oci_process(args, terminal));
     r.stdio = stdio;
     r
+}
+
+/// Runs an exec whose stdout alone is attached: what it wrote, and its exit.
+fn exec_stdout(
+    conn: &AgentConn,
+    uds: &Path,
+    req: &ExecProcessRequest,
+) -> Result<(String, WaitResponse), String> {
+    let (id, exec_id) = (&req.container_id, &req.exec_id);
+    ok(&format!("ExecProcess {exec_id}"), conn.exec_process(req));
+    let mut stdout = attach(uds, StdioStream::Stdout, id, exec_id)
+        .unwrap_or_else(|e| panic!("attaching {exec_id}'s stdout: {e}"));
+    let got = text(&read_all_with_timeout(&mut stdout, IO_TIMEOUT));
+    Ok((got, wait(conn, id, exec_id, IO_TIMEOUT)?))
 }
 
 fn signal(conn: &AgentConn, container_id: &str, signal: u32, all: bool) {
@@ -682,14 +698,41 @@ fn the_agent_runs_containers_on_one_vm() {
             ],
             stdio(false, true, false, false),
         );
-        ok("ExecProcess e5", conn.exec_process(&req));
-        let mut stdout =
-            attach(&uds, StdioStream::Stdout, &c4, exec_id).expect("attaching e5's stdout");
-        let got = text(&read_all_with_timeout(&mut stdout, IO_TIMEOUT));
-        let exit = wait(&conn, &c4, exec_id, IO_TIMEOUT)?;
+        let (got, exit) = exec_stdout(&conn, &uds, &req)?;
         check(
             got == "v1\nls: /etc/peapod-planted: No such file or directory\n",
             format!("e5 sees the volume's key, and nothing written in its rootfs: {got:?} (exit {exit:?})"),
+        )
+    });
+
+    // e6: an exec into c4 (execs join its cgroup) with CAP_MKNOD makes a node of c1's
+    // upper disk (still in slot 2), another container's writable layer: making it is
+    // allowed (as runc allows), opening it is not; /dev/null still opens. c4's spec
+    // carries the device rules containerd's CRI sends.
+    step(&conn, &log, "e6", |exec_id| {
+        let script = format!(
+            "for d in /sys/block/vd*; do read s < $d/serial; \
+             if [ \"$s\" = {serial} ]; then read mm < $d/dev; fi; done; \
+             mknod /dev/other-disk b ${{mm%:*}} ${{mm#*:}} && echo made $mm; \
+             dd if=/dev/other-disk of=/dev/null count=1 2>&1; \
+             echo x > /dev/null && echo null-ok",
+            serial = upper.serial
+        );
+        let mut process = oci_process(&["sh", "-c", &script], false);
+        for set in ["bounding", "effective", "permitted"] {
+            process["capabilities"][set]
+                .as_array_mut()
+                .expect("capability sets")
+                .push(json!("CAP_MKNOD"));
+        }
+        let mut req = exec_request(&c4, exec_id, &[], stdio(false, true, false, false));
+        req.oci_process = to_bytes(&process);
+        let (got, exit) = exec_stdout(&conn, &uds, &req)?;
+        check(
+            got.starts_with("made ")
+                && got.contains("can't open '/dev/other-disk': Operation not permitted")
+                && got.ends_with("null-ok\n"),
+            format!("e6 makes the node of c1's disk, cannot open it, opens /dev/null: {got:?} (exit {exit:?})"),
         )
     });
 
