@@ -207,8 +207,8 @@ fn a_kubelet_runs_peapod_pods_beside_runc() {
     );
     // A limit the node cannot give: refused when CRI makes its task (StartContainer),
     // naming pod and fix; the container can then be removed.
-    let node_bytes = node_memory_bytes();
-    let huge = ContainerSpec::new("huge", &["true"]).memory_limit(2 * node_bytes);
+    let node_mib = peapod_shim::sizing::node_memory_mib().expect("MemTotal in /proc/meminfo");
+    let huge = ContainerSpec::new("huge", &["true"]).memory_limit(2 * (node_mib as i64) * MIB);
     let huge = node
         .create_container(&web, &huge)
         .expect("CreateContainer of huge");
@@ -987,17 +987,6 @@ fn pod_life_on(release: ContainerdRelease, major: u32) {
 }
 
 /// An HTTP/1.0 GET of `path` (the server closes when it has answered).
-/// The host's memory (`MemTotal`), in bytes.
-fn node_memory_bytes() -> i64 {
-    let meminfo = std::fs::read_to_string("/proc/meminfo").expect("reading /proc/meminfo");
-    let kib: i64 = meminfo
-        .lines()
-        .find_map(|l| l.strip_prefix("MemTotal:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .expect("MemTotal in /proc/meminfo");
-    kib * 1024
-}
-
 fn http_get(path: &str) -> Vec<u8> {
     format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").into_bytes()
 }
