@@ -4,6 +4,7 @@ use std::sync::Arc;
 use virtio_bindings::virtio_blk::*;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use super::contents::{Contents, Region};
 use super::disk::{Disk, BOUNCE_BYTES, SECTOR_SIZE};
 use super::request::{self, SEG_MAX, SIZE_MAX};
 use super::{BlockBacking, BlockError};
@@ -14,11 +15,11 @@ pub(super) const QUEUE_SIZE: u16 = 256;
 /// The configuration space up to the last field the device offers (blk_size).
 const CONFIG_BYTES: usize = offset_of!(virtio_blk_config, blk_size) + 4;
 
-/// A virtio-blk device: a slot that holds one backing file, or none.
+/// A virtio-blk device: a slot that holds one backing file, a store of them, or none.
 pub struct Block {
     interrupt: Arc<Interrupt>,
     features: u64,
-    disk: Option<Disk>,
+    contents: Contents,
     /// Where request data passes between the file and guest memory.
     bounce: Vec<u8>,
     pub(super) activate_evt: EventFd,
@@ -44,7 +45,7 @@ impl Block {
         Ok(Self {
             interrupt,
             features,
-            disk,
+            contents: disk.map_or(Contents::Empty, Contents::Disk),
             bounce: vec![0; BOUNCE_BYTES],
             activate_evt: EventFd::new(EFD_NONBLOCK).map_err(BlockError::EventFd)?,
             active: None,
@@ -75,19 +76,45 @@ impl Block {
             None => log::debug!("virtio-blk: slot emptied"),
         }
         // Requests run on this thread, so none is using the old file.
-        self.disk = disk;
+        self.contents = disk.map_or(Contents::Empty, Contents::Disk);
         // Linux re-reads the capacity on this interrupt and resizes the disk.
         self.interrupt.signal_config_change();
         Ok(())
     }
 
+    /// Adds `backing` to the store in this slot (an empty slot becomes a store with
+    /// the backing's ID) and tells the guest the capacity grew; where the file is.
+    /// On error the slot is unchanged.
+    pub fn append(&mut self, backing: BlockBacking) -> Result<Region, BlockError> {
+        let region = self.contents.append(backing)?;
+        log::debug!(
+            "virtio-blk: store adds a file at sector {} ({} sectors)",
+            region.start_sector,
+            region.sectors
+        );
+        self.interrupt.signal_config_change();
+        Ok(region)
+    }
+
+    /// Drops the store's file at `start_sector`; its sectors fail from now on. The
+    /// capacity stays, so the guest is not told.
+    pub fn remove(&mut self, start_sector: u64) -> Result<BlockBacking, BlockError> {
+        self.contents.remove(start_sector)
+    }
+
+    /// The whole-disk backing; none for an empty slot or a store.
     pub fn backing(&self) -> Option<&BlockBacking> {
-        self.disk.as_ref().map(|d| &d.backing)
+        self.contents.backing()
+    }
+
+    /// What the slot serves, for logs and the API's device list.
+    pub fn describe(&self) -> String {
+        self.contents.describe()
     }
 
     /// The capacity the guest sees, in 512-byte sectors; 0 for an empty slot.
     pub fn capacity_sectors(&self) -> u64 {
-        self.disk.as_ref().map_or(0, |d| d.sectors)
+        self.contents.capacity_sectors()
     }
 
     /// Answers every request the guest made available.
@@ -96,10 +123,10 @@ impl Block {
             return;
         };
         let memory = &active.memory;
-        let disk = self.disk.as_ref();
+        let contents = &self.contents;
         let bounce = &mut self.bounce;
         if let Err(e) = serve_queue(&mut active.queue, memory, &self.interrupt, |chain| {
-            request::serve(chain, memory, disk, bounce)
+            request::serve(chain, memory, contents, bounce)
         }) {
             log::warn!("virtio-blk: the driver broke the request queue ({e}); device stopped");
             self.broken = true;
@@ -259,6 +286,92 @@ mod tests {
         submit(&memory, &q, VIRTIO_BLK_T_IN, 0, &[writable(DATA, 512)]);
         block.process_queue();
         assert_eq!(status(&memory), VIRTIO_BLK_S_IOERR as u8);
+    }
+
+    /// A store: files laid end to end, each written and read where `append` put it;
+    /// a removed file's sectors fail and are never reused.
+    #[test]
+    fn a_store_serves_each_file_at_its_region() {
+        use crate::virtio::block::STORE_ALIGN_SECTORS as ALIGN;
+        let layer = TempImage::new(&vec![0x11; 3 * 512]);
+        let upper = TempImage::sized(8 * 512);
+        let memory = memory();
+        let q = TestQueue::new(&memory, 0, QUEUE_SIZE);
+        let mut block = active_block(&memory, &q, None);
+        let irq = block.interrupt().clone();
+
+        let a = block.append(layer.backing(true, "store")).unwrap();
+        assert_eq!((a.start_sector, a.sectors), (0, 3));
+        assert!(interrupted(&irq), "the guest is told the capacity grew");
+        let b = block.append(upper.backing(false, "store")).unwrap();
+        assert_eq!((b.start_sector, b.sectors), (ALIGN, 8));
+        assert_eq!(config_u64(&block, 0), ALIGN + 8);
+        assert!(block.describe().contains("2 files"), "{}", block.describe());
+
+        // Reads and writes land in the right file, at the offset within it.
+        submit(&memory, &q, VIRTIO_BLK_T_IN, 1, &[writable(DATA, 1024)]);
+        block.process_queue();
+        assert_eq!(status(&memory), VIRTIO_BLK_S_OK as u8);
+        assert_eq!(read(&memory, DATA, 1024), vec![0x11; 1024]);
+        fill(&memory, DATA, &[0x22; 512]);
+        submit(
+            &memory,
+            &q,
+            VIRTIO_BLK_T_OUT,
+            ALIGN + 2,
+            &[readable(DATA, 512)],
+        );
+        block.process_queue();
+        assert_eq!(status(&memory), VIRTIO_BLK_S_OK as u8);
+        assert_eq!(upper.contents()[1024..1536], [0x22; 512]);
+        assert!(upper.contents()[..1024].iter().all(|&b| b == 0));
+
+        // Refused: a write to the read-only file, a request across a file's end, one
+        // in the gap between files, and a file with another ID.
+        let fails = |block: &mut Block, kind, sector, desc| {
+            submit(&memory, &q, kind, sector, &[desc]);
+            block.process_queue();
+            status(&memory) == VIRTIO_BLK_S_IOERR as u8
+        };
+        assert!(fails(&mut block, VIRTIO_BLK_T_OUT, 0, readable(DATA, 512)));
+        assert_eq!(layer.contents(), vec![0x11; 3 * 512]);
+        assert!(fails(&mut block, VIRTIO_BLK_T_IN, 2, writable(DATA, 1024)));
+        assert!(fails(&mut block, VIRTIO_BLK_T_IN, 3, writable(DATA, 512)));
+        assert!(fails(
+            &mut block,
+            VIRTIO_BLK_T_IN,
+            ALIGN + 8,
+            writable(DATA, 512)
+        ));
+        let other = TempImage::sized(512);
+        let e = block.append(other.backing(false, "other")).unwrap_err();
+        assert!(matches!(e, BlockError::StoreId { .. }), "{e}");
+        let e = block
+            .append(TempImage::new(&[]).backing(false, "store"))
+            .unwrap_err();
+        assert!(matches!(e, BlockError::EmptyRegion { .. }), "{e}");
+
+        // GET_ID answers the store's ID.
+        submit(&memory, &q, VIRTIO_BLK_T_GET_ID, 0, &[writable(DATA, 20)]);
+        block.process_queue();
+        assert_eq!(read(&memory, DATA, 6), b"store\0");
+
+        // Removed: its sectors fail, the capacity stays, the next file goes after.
+        assert_eq!(block.remove(0).unwrap().path, layer.path);
+        assert!(matches!(
+            block.remove(0),
+            Err(BlockError::NoSuchRegion { .. })
+        ));
+        assert!(fails(&mut block, VIRTIO_BLK_T_IN, 0, writable(DATA, 512)));
+        assert_eq!(block.capacity_sectors(), ALIGN + 8);
+        let c = block.append(layer.backing(true, "store")).unwrap();
+        assert_eq!(c.start_sector, 2 * ALIGN);
+
+        // A slot with a whole disk is not a store.
+        let mut whole = Block::new(Some(other.backing(false, "w")), interrupt()).unwrap();
+        let e = whole.append(upper.backing(false, "w")).unwrap_err();
+        assert!(matches!(e, BlockError::NotAStore { .. }), "{e}");
+        assert_eq!(whole.capacity_sectors(), 1);
     }
 
     #[test]

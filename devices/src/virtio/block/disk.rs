@@ -78,10 +78,6 @@ impl Disk {
         })
     }
 
-    pub fn capacity_bytes(&self) -> u64 {
-        self.sectors * SECTOR_SIZE
-    }
-
     /// Fills `data` from the file at `offset`.
     pub fn read_to(
         &self,
@@ -156,7 +152,7 @@ fn passed_file(passed: PassedFile, backing: &BlockBacking) -> Result<File, Block
 }
 
 /// The GET_ID answer for `id`, or why `id` cannot be one.
-fn id_bytes(id: &str) -> Result<[u8; MAX_ID_BYTES], BlockError> {
+pub(super) fn id_bytes(id: &str) -> Result<[u8; MAX_ID_BYTES], BlockError> {
     if id.len() > MAX_ID_BYTES {
         return Err(BlockError::IdTooLong {
             id: id.to_owned(),
@@ -244,7 +240,7 @@ mod tests {
         let image = TempImage::new(&[1; 1000]);
         let disk = Disk::open(backing(&image.path, "a")).unwrap();
         assert_eq!(disk.sectors, 1);
-        assert_eq!(disk.capacity_bytes(), 512);
+        assert_eq!(disk.sectors * SECTOR_SIZE, 512);
     }
 
     #[test]

@@ -7,10 +7,15 @@
 //! a configuration-change interrupt, and finds a disk by its ID (the serial GET_ID
 //! returns, visible as /sys/block/vdX/serial) rather than by its vdX name.
 //!
-//! `disk` owns the opened file and moves data between it and guest buffers; `request`
-//! parses one descriptor chain and answers it; `device` is the slot and the virtio
-//! device model.
+//! A slot can also be a *store* of many files, each at its own start sector, that the
+//! guest maps as devices of their own (`contents`): how a pod gets any number of
+//! disks from one device.
+//!
+//! `disk` owns an opened file and moves data between it and guest buffers; `contents`
+//! is what a slot serves and where a request lands in it; `request` parses one
+//! descriptor chain and answers it; `device` is the slot and the virtio device model.
 
+mod contents;
 mod device;
 mod disk;
 mod event_handler;
@@ -22,6 +27,7 @@ use std::fs::File;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+pub use contents::{Region, STORE_ALIGN_SECTORS};
 pub use device::Block;
 
 /// Longest disk ID: the size of the GET_ID answer (virtio 1.2, 5.2.6).
@@ -99,6 +105,29 @@ pub enum BlockError {
          it from /sys/block/vdX/serial, so use letters, digits and punctuation"
     )]
     IdNotPrintable { id: String },
+    #[error(
+        "cannot add a file to the slot: it serves {} as a whole disk; empty the slot \
+         first, or add files only to an empty slot or a store",
+        path.display()
+    )]
+    NotAStore { path: PathBuf },
+    #[error(
+        "disk ID {id:?} differs from the store's ID {store:?}; every file of a store \
+         carries the store's ID"
+    )]
+    StoreId { id: String, store: String },
+    #[error(
+        "{} holds no whole sector; a file in a store needs at least 512 bytes",
+        path.display()
+    )]
+    EmptyRegion { path: PathBuf },
+    #[error("the store has no sectors left; start a new VM")]
+    StoreFull,
+    #[error(
+        "no file of the store starts at sector {start_sector}; give the start sector \
+         the append answered"
+    )]
+    NoSuchRegion { start_sector: u64 },
     #[error(
         "cannot create the device's activation eventfd: {0}; the VMM may be out of \
          file descriptors"

@@ -9,8 +9,9 @@ use virtio_bindings::virtio_blk::*;
 use virtio_queue::{DescriptorChain, Reader, Writer};
 use vm_memory::GuestMemoryMmap;
 
+use super::contents::Contents;
 use super::device::QUEUE_SIZE;
-use super::disk::{Disk, SECTOR_SIZE};
+use super::disk::SECTOR_SIZE;
 use super::MAX_ID_BYTES;
 use crate::virtio::check_chain;
 
@@ -46,6 +47,8 @@ pub(super) enum RequestError {
         len: usize,
         capacity: u64,
     },
+    #[error("sector {sector} is in no file of the store (a gap, or a file since removed)")]
+    NoRegion { sector: u64 },
     #[error("the backing file failed: {0}")]
     Disk(std::io::Error),
     #[error("cannot copy the guest's buffer: {0}")]
@@ -72,7 +75,7 @@ struct Header {
 pub(super) fn serve(
     chain: DescriptorChain<&GuestMemoryMmap>,
     memory: &GuestMemoryMmap,
-    disk: Option<&Disk>,
+    contents: &Contents,
     bounce: &mut [u8],
 ) -> u32 {
     if let Err(e) = check_chain(&chain) {
@@ -97,7 +100,7 @@ pub(super) fn serve(
             return 0;
         }
     };
-    let code = match execute(&mut reader, &mut data, disk, bounce) {
+    let code = match execute(&mut reader, &mut data, contents, bounce) {
         Ok(()) => VIRTIO_BLK_S_OK,
         Err(RequestError::Unsupported(kind)) => {
             log::debug!("virtio-blk: request type {kind} is not supported");
@@ -120,35 +123,27 @@ pub(super) fn serve(
 fn execute(
     reader: &mut Reader<'_>,
     data: &mut Writer<'_>,
-    disk: Option<&Disk>,
+    contents: &Contents,
     bounce: &mut [u8],
 ) -> Result<(), RequestError> {
     let header = read_header(reader)?;
-    // Unknown types are unsupported whatever the slot holds.
-    if let RequestType::Other(kind) = header.kind {
-        return Err(RequestError::Unsupported(kind));
-    }
-    let disk = disk.ok_or(RequestError::NoBacking)?;
     match header.kind {
+        // Unknown types are unsupported whatever the slot holds.
+        RequestType::Other(kind) => Err(RequestError::Unsupported(kind)),
         RequestType::In => {
-            let offset = data_offset(disk, header.sector, data.available_bytes())?;
+            let (disk, offset) = contents.locate(header.sector, data.available_bytes(), false)?;
             disk.read_to(offset, data, bounce)
         }
         RequestType::Out => {
-            // F_RO is fixed at negotiation, but a slot's backing changes later: the
-            // device, not the guest, keeps a read-only file unwritten.
-            if disk.backing.read_only {
-                return Err(RequestError::ReadOnly);
-            }
-            let offset = data_offset(disk, header.sector, reader.available_bytes())?;
+            let (disk, offset) = contents.locate(header.sector, reader.available_bytes(), true)?;
             disk.write_from(offset, reader, bounce)
         }
-        RequestType::Flush => disk.flush(),
+        RequestType::Flush => contents.flush(),
         RequestType::GetId => {
+            let id = contents.id().ok_or(RequestError::NoBacking)?;
             let n = data.available_bytes().min(MAX_ID_BYTES);
-            data.write_all(&disk.id[..n]).map_err(RequestError::Guest)
+            data.write_all(&id[..n]).map_err(RequestError::Guest)
         }
-        RequestType::Other(kind) => Err(RequestError::Unsupported(kind)),
     }
 }
 
@@ -169,27 +164,6 @@ fn read_header(reader: &mut Reader<'_>) -> Result<Header, RequestError> {
         kind,
         sector: u64::from_le_bytes(sector),
     })
-}
-
-/// The file offset of `len` bytes at `sector`, once they are whole sectors that lie
-/// wholly on the disk: a request is done entirely or not at all.
-fn data_offset(disk: &Disk, sector: u64, len: usize) -> Result<u64, RequestError> {
-    if !len.is_multiple_of(SECTOR_SIZE as usize) {
-        return Err(RequestError::Unaligned(len));
-    }
-    if len > MAX_REQUEST_BYTES {
-        return Err(RequestError::TooLarge(len));
-    }
-    let capacity = disk.capacity_bytes();
-    let offset = sector.checked_mul(SECTOR_SIZE);
-    match offset.and_then(|o| o.checked_add(len as u64)) {
-        Some(end) if end <= capacity => Ok(sector * SECTOR_SIZE),
-        _ => Err(RequestError::OutOfRange {
-            sector,
-            len,
-            capacity,
-        }),
-    }
 }
 
 #[cfg(test)]
