@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use peapod_devices::virtio::block::PassedFile;
 use peapod_vmm_api::{paths, Endpoint, ErrorBody};
-pub use peapod_vmm_api::{BlockClear, BlockSet, VmInfo, VmState};
+pub use peapod_vmm_api::{BlockClear, BlockRegion, BlockRemove, BlockSet, VmInfo, VmState};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
@@ -43,11 +43,18 @@ pub enum ApiRequest {
         file: Option<PassedFile>,
     },
     BlockClear(BlockClear),
+    /// As `BlockSet`, for `block.append`.
+    BlockAppend {
+        set: BlockSet,
+        file: Option<PassedFile>,
+    },
+    BlockRemove(BlockRemove),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ApiResponse {
     Info(VmInfo),
+    Region(BlockRegion),
     Done,
     Error { status: u16, message: String },
 }
@@ -278,6 +285,13 @@ fn route(method: &str, path: &str, body: &[u8]) -> Result<ApiRequest, HttpError>
         Endpoint::BlockClear => {
             ApiRequest::BlockClear(serde_json::from_slice(body).map_err(json(BlockClear::EXAMPLE))?)
         }
+        Endpoint::BlockAppend => ApiRequest::BlockAppend {
+            set: serde_json::from_slice(body).map_err(json(BlockSet::EXAMPLE))?,
+            file: None,
+        },
+        Endpoint::BlockRemove => ApiRequest::BlockRemove(
+            serde_json::from_slice(body).map_err(json(BlockRemove::EXAMPLE))?,
+        ),
     })
 }
 
@@ -357,6 +371,7 @@ fn serve_connection(
             Err(HttpError(status, msg)) => (status, error_body(&msg)),
             Ok(request) => match call(request, calls, wake) {
                 ApiResponse::Info(info) => (200, serde_json::to_string(&info).ok()),
+                ApiResponse::Region(region) => (200, serde_json::to_string(&region).ok()),
                 ApiResponse::Done => (204, None),
                 ApiResponse::Error { status, message } => (status, error_body(&message)),
             },
@@ -368,28 +383,33 @@ fn serve_connection(
     }
 }
 
-/// Gives a `block.set` that asks for a passed file the one that came.
+/// Gives a `block.set` or `block.append` that asks for a passed file the one that came.
 fn with_file(
     request: ApiRequest,
     passed: &mut Option<std::fs::File>,
 ) -> Result<ApiRequest, HttpError> {
-    match request {
-        ApiRequest::BlockSet { set, file: None } if set.fd => {
-            let file = passed.take().ok_or_else(|| {
-                HttpError(
-                    400,
-                    format!(
-                        "block.set for {}: \"fd\": true but no descriptor came with the \
-                         request; send the open file with SCM_RIGHTS on the request's bytes",
-                        set.path.display()
-                    ),
-                )
-            })?;
-            let file = Some(PassedFile(std::sync::Arc::new(file)));
-            Ok(ApiRequest::BlockSet { set, file })
-        }
-        other => Ok(other),
-    }
+    let (set, append) = match request {
+        ApiRequest::BlockSet { set, file: None } if set.fd => (set, false),
+        ApiRequest::BlockAppend { set, file: None } if set.fd => (set, true),
+        other => return Ok(other),
+    };
+    let file = passed.take().ok_or_else(|| {
+        HttpError(
+            400,
+            format!(
+                "{} for {}: \"fd\": true but no descriptor came with the request; send \
+                 the open file with SCM_RIGHTS on the request's bytes",
+                if append { "block.append" } else { "block.set" },
+                set.path.display()
+            ),
+        )
+    })?;
+    let file = Some(PassedFile(std::sync::Arc::new(file)));
+    Ok(if append {
+        ApiRequest::BlockAppend { set, file }
+    } else {
+        ApiRequest::BlockSet { set, file }
+    })
 }
 
 fn call(request: ApiRequest, calls: &mpsc::Sender<ApiCall>, wake: &EventFd) -> ApiResponse {

@@ -17,7 +17,7 @@ use peapod_devices::virtio::{
     Interrupt, MmioTransport, VirtioDevice, MMIO_DEVICE_SIZE, QUEUE_NOTIFY_OFFSET,
 };
 use peapod_devices::{lock, Bus, BusDevice, BusError};
-use peapod_vmm_api::{DeviceInfo, DeviceKind, QueueInfo};
+use peapod_vmm_api::{BlockRegion, DeviceInfo, DeviceKind, QueueInfo};
 use virtio_queue::QueueT;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -232,19 +232,61 @@ impl VirtioDevices {
         self.change_block_slot(slot, None)
     }
 
+    /// Adds `backing` to the store in block device `slot` (an empty slot becomes
+    /// one), and tells the guest; where the file is.
+    pub fn append_to_store(
+        &mut self,
+        slot: usize,
+        backing: BlockBacking,
+    ) -> Result<BlockRegion, SlotError> {
+        let block = self.block_slot(slot)?;
+        let path = backing.path.clone();
+        let region = lock(block)
+            .append(backing)
+            .map_err(|source| SlotError::Backing { slot, source })?;
+        log::info!(
+            "block slot {slot}: {} at sector {} ({} sectors); {}",
+            path.display(),
+            region.start_sector,
+            region.sectors,
+            lock(block).describe()
+        );
+        Ok(BlockRegion {
+            start_sector: region.start_sector,
+            sectors: region.sectors,
+        })
+    }
+
+    /// Drops the file at `start_sector` from the store in block device `slot`.
+    pub fn remove_from_store(&mut self, slot: usize, start_sector: u64) -> Result<(), SlotError> {
+        let block = self.block_slot(slot)?;
+        let removed = lock(block)
+            .remove(start_sector)
+            .map_err(|source| SlotError::Backing { slot, source })?;
+        log::info!(
+            "block slot {slot}: {} removed from sector {start_sector}",
+            removed.path.display()
+        );
+        Ok(())
+    }
+
+    fn block_slot(&self, slot: usize) -> Result<&Arc<Mutex<Block>>, SlotError> {
+        self.block.get(slot).ok_or(SlotError::NoSuchSlot {
+            slot,
+            count: self.block.len(),
+        })
+    }
+
     fn change_block_slot(
         &mut self,
         slot: usize,
         backing: Option<BlockBacking>,
     ) -> Result<(), SlotError> {
-        let block = self.block.get(slot).ok_or(SlotError::NoSuchSlot {
-            slot,
-            count: self.block.len(),
-        })?;
+        let block = self.block_slot(slot)?;
         lock(block)
             .set_backing(backing)
             .map_err(|source| SlotError::Backing { slot, source })?;
-        log::info!("block slot {slot}: {}", describe_slot(&lock(block)));
+        log::info!("block slot {slot}: {}", lock(block).describe());
         Ok(())
     }
 
@@ -257,7 +299,7 @@ impl VirtioDevices {
                 let slot = (a.kind == DeviceKind::Block).then(|| slot.next()).flatten();
                 let backing = slot
                     .and_then(|s| self.block.get(s))
-                    .map(|b| describe_slot(&lock(b)));
+                    .map(|b| lock(b).describe());
                 DeviceInfo {
                     kind: a.kind,
                     slot: slot.map(|s| s as u32),
@@ -322,18 +364,5 @@ pub fn backing(
         read_only,
         id: id.unwrap_or_default(),
         file,
-    }
-}
-
-fn describe_slot(block: &Block) -> String {
-    match block.backing() {
-        Some(b) => format!(
-            "{} ({} sectors{}, id {:?})",
-            b.path.display(),
-            block.capacity_sectors(),
-            if b.read_only { ", read-only" } else { "" },
-            b.id
-        ),
-        None => "empty".into(),
     }
 }

@@ -497,6 +497,17 @@ impl Controller {
             ApiRequest::BlockClear(clear) => {
                 self.devices.clear_block_slot(clear.slot as usize).into()
             }
+            ApiRequest::BlockAppend { set, file } => {
+                let backing = devices::backing(set.path, set.read_only, set.id, file);
+                match self.devices.append_to_store(set.slot as usize, backing) {
+                    Ok(region) => ApiResponse::Region(region),
+                    Err(e) => Err(e).into(),
+                }
+            }
+            ApiRequest::BlockRemove(remove) => self
+                .devices
+                .remove_from_store(remove.slot as usize, remove.start_sector)
+                .into(),
         }
     }
 }

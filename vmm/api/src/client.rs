@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
-use crate::{BlockClear, BlockSet, Endpoint, ErrorBody, Method, VmInfo};
+use crate::{BlockClear, BlockRegion, BlockRemove, BlockSet, Endpoint, ErrorBody, Method, VmInfo};
 
 /// How long one request may take, connection to last byte of the reply.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -188,6 +188,31 @@ impl VmmClient {
     pub fn block_clear(&self, slot: u32) -> Result<(), ClientError> {
         let clear = BlockClear { slot };
         self.call(Endpoint::BlockClear, Some(&clear), None)
+            .map(drop)
+    }
+
+    /// Adds `file` to the store in slot `set.slot`, passed open with the request;
+    /// where the guest finds it.
+    pub fn block_append_open(
+        &self,
+        set: &BlockSet,
+        file: &File,
+    ) -> Result<BlockRegion, ClientError> {
+        let set = BlockSet {
+            fd: true,
+            ..set.clone()
+        };
+        let body = self.call(Endpoint::BlockAppend, Some(&set), Some(file.as_fd()))?;
+        serde_json::from_str(&body).map_err(|source| ClientError::Reply {
+            what: what(Endpoint::BlockAppend),
+            source,
+        })
+    }
+
+    /// Drops the file at `start_sector` from the store in `slot`.
+    pub fn block_remove(&self, slot: u32, start_sector: u64) -> Result<(), ClientError> {
+        let remove = BlockRemove { slot, start_sector };
+        self.call(Endpoint::BlockRemove, Some(&remove), None)
             .map(drop)
     }
 

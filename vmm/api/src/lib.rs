@@ -1,6 +1,7 @@
 //! The control API of `peapod-vmm`: JSON over HTTP/1.1 on a unix socket. One home for
 //! what both sides must agree on: the endpoints ([`Endpoint`], [`paths`]), the bodies
-//! they take and give ([`BlockSet`], [`BlockClear`], [`VmInfo`], [`ErrorBody`]), and
+//! they take and give ([`BlockSet`], [`BlockClear`], [`BlockRemove`], [`BlockRegion`],
+//! [`VmInfo`], [`ErrorBody`]), and
 //! a blocking client ([`VmmClient`]) for the shim and the tests. The VMM serves it
 //! with `httparse` on a thread of its own (`vmm/src/api.rs`).
 //!
@@ -18,7 +19,8 @@ mod messages;
 
 pub use client::{ClientError, RawReply, VmmClient, DEFAULT_TIMEOUT};
 pub use messages::{
-    BlockClear, BlockSet, DeviceInfo, DeviceKind, ErrorBody, QueueInfo, VmInfo, VmState,
+    BlockClear, BlockRegion, BlockRemove, BlockSet, DeviceInfo, DeviceKind, ErrorBody, QueueInfo,
+    VmInfo, VmState,
 };
 
 /// Every endpoint's path.
@@ -31,6 +33,8 @@ pub mod paths {
     pub const VM_SHUTDOWN: &str = "/api/v1/vm.shutdown";
     pub const BLOCK_SET: &str = "/api/v1/block.set";
     pub const BLOCK_CLEAR: &str = "/api/v1/block.clear";
+    pub const BLOCK_APPEND: &str = "/api/v1/block.append";
+    pub const BLOCK_REMOVE: &str = "/api/v1/block.remove";
 }
 
 /// The HTTP methods the API takes.
@@ -64,16 +68,23 @@ pub enum Endpoint {
     BlockSet,
     /// `PUT` [`BlockClear`]: empties a block slot.
     BlockClear,
+    /// `PUT` [`BlockSet`]: adds a file to the store in a block slot (an empty slot
+    /// becomes one); answers its [`BlockRegion`].
+    BlockAppend,
+    /// `PUT` [`BlockRemove`]: drops a file from a store.
+    BlockRemove,
 }
 
 impl Endpoint {
-    pub const ALL: [Endpoint; 6] = [
+    pub const ALL: [Endpoint; 8] = [
         Endpoint::VmInfo,
         Endpoint::VmPause,
         Endpoint::VmResume,
         Endpoint::VmShutdown,
         Endpoint::BlockSet,
         Endpoint::BlockClear,
+        Endpoint::BlockAppend,
+        Endpoint::BlockRemove,
     ];
 
     pub const fn path(self) -> &'static str {
@@ -84,6 +95,8 @@ impl Endpoint {
             Endpoint::VmShutdown => paths::VM_SHUTDOWN,
             Endpoint::BlockSet => paths::BLOCK_SET,
             Endpoint::BlockClear => paths::BLOCK_CLEAR,
+            Endpoint::BlockAppend => paths::BLOCK_APPEND,
+            Endpoint::BlockRemove => paths::BLOCK_REMOVE,
         }
     }
 
@@ -107,7 +120,7 @@ impl Endpoint {
     /// The status a success is answered with: 200 with a body, 204 without.
     pub const fn success_status(self) -> u16 {
         match self {
-            Endpoint::VmInfo => 200,
+            Endpoint::VmInfo | Endpoint::BlockAppend => 200,
             _ => 204,
         }
     }

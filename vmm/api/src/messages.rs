@@ -5,7 +5,8 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-/// The body of `block.set`: put a file in block slot `slot`.
+/// The body of `block.set` (put a file in block slot `slot`) and of `block.append`
+/// (add a file to the store in slot `slot`, whose ID `id` must then be).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BlockSet {
@@ -41,6 +42,27 @@ pub struct BlockClear {
 
 impl BlockClear {
     pub const EXAMPLE: &'static str = r#"{"slot": 1}"#;
+}
+
+/// The reply of `block.append`: where the file is in the store, in 512-byte sectors.
+/// The guest sees the store's capacity grow to at least its end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlockRegion {
+    pub start_sector: u64,
+    pub sectors: u64,
+}
+
+/// The body of `block.remove`: drop the file at `start_sector` from the store in
+/// block slot `slot`; its sectors fail from then on and are never reused.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BlockRemove {
+    pub slot: u32,
+    pub start_sector: u64,
+}
+
+impl BlockRemove {
+    pub const EXAMPLE: &'static str = r#"{"slot": 0, "start_sector": 2048}"#;
 }
 
 /// Whether the vCPUs run.
