@@ -468,6 +468,10 @@ fn mount_rootfs(
     let disk = |d: &proto::Disk| storage::DiskSpec {
         serial: d.serial.clone(),
         fstype: d.fstype.clone(),
+        region: (d.sectors > 0).then_some(storage::Region {
+            start_sector: d.start_sector,
+            sectors: d.sectors,
+        }),
     };
     let layers: Vec<_> = rootfs.layers.iter().map(disk).collect();
     let upper = match &rootfs.upper {
@@ -482,14 +486,27 @@ fn mount_rootfs(
             })
         }
     };
-    let (layers, upper) = storage::resolve_rootfs(
+    let (mut sources, mut upper_source) = storage::resolve_rootfs(
         Path::new(storage::SYSFS_BLOCK),
         &layers,
         &upper,
         DISK_TIMEOUT,
     )
     .map_err(err)?;
-    ContainerRootfs::mount(dir, &layers, &upper).map_err(err)
+    let mut mapped =
+        storage::map_regions(&mut sources, &layers, &mut upper_source, &upper).map_err(err)?;
+    match ContainerRootfs::mount(dir, &sources, &upper_source) {
+        Ok(mut rootfs) => {
+            rootfs.hold(mapped);
+            Ok(rootfs)
+        }
+        Err(e) => {
+            for failure in storage::release_mappings(&mut mapped) {
+                log::warn!("container {id}: {failure}");
+            }
+            Err(err(e))
+        }
+    }
 }
 
 fn builder(id: &str, child: ChildStdio) -> Result<ContainerBuilder, ContainerError> {

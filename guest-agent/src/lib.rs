@@ -5,6 +5,7 @@ pub mod beneath;
 pub mod cgroups;
 pub mod container;
 pub mod devices;
+pub mod dm;
 pub mod files;
 pub mod handshake;
 pub mod init;

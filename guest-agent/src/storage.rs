@@ -18,6 +18,7 @@
 //!
 //! [`ContainerRootfs::teardown`] undoes it all; nothing unmounts on drop.
 
+use std::collections::HashMap;
 use std::ffi::OsString;
 use std::fs::{self, DirBuilder, File};
 use std::io::{self, Read};
@@ -28,6 +29,8 @@ use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
+
+pub use crate::dm::{Mapped, Region};
 
 /// Where the guest's sysfs lists its block devices.
 pub const SYSFS_BLOCK: &str = "/sys/block";
@@ -79,6 +82,27 @@ pub enum StorageError {
         serial: String,
         first: PathBuf,
         second: PathBuf,
+    },
+    #[error(
+        "disk with serial \"{serial}\" ({}): {sectors} sectors after {}, but the region \
+         asked for ends at sector {end} (the host did not add it to the store before \
+         CreateContainer)",
+        device.display(),
+        show_duration(*waited)
+    )]
+    RegionPastEnd {
+        serial: String,
+        device: PathBuf,
+        sectors: u64,
+        end: u64,
+        waited: Duration,
+    },
+    #[error("disk with serial \"{serial}\": region at sector {start} of 0 sectors")]
+    EmptyRegion { serial: String, start: u64 },
+    #[error("disk with serial \"{serial}\": mapping its region: {source}")]
+    Map {
+        serial: String,
+        source: crate::dm::DmError,
     },
     #[error(
         "disk with serial \"{serial}\": fstype \"{fstype}\" is not supported (a layer must \
@@ -185,11 +209,21 @@ impl FsType {
     }
 }
 
-/// A disk as the protocol names it (`Disk`): its serial and the file system on it.
+/// A disk as the protocol names it (`Disk`): its serial and the file system on it, and
+/// the region of that device it is, if it is not the whole device (a store's file).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DiskSpec {
     pub serial: String,
     pub fstype: String,
+    pub region: Option<Region>,
+}
+
+impl DiskSpec {
+    /// The size, in sectors, its device must have before the disk can be used.
+    fn min_sectors(&self) -> u64 {
+        self.region
+            .map_or(1, |r| r.start_sector.saturating_add(r.sectors))
+    }
 }
 
 /// The protocol's writable layer (`Rootfs.upper`).
@@ -241,7 +275,21 @@ pub fn resolve_rootfs(
             })?;
         fstypes.push(fstype);
     }
-    let mut serials: Vec<&str> = layers.iter().map(|l| l.serial.as_str()).collect();
+    let mut serials: Vec<(&str, u64)> = layers
+        .iter()
+        .map(|l| (l.serial.as_str(), l.min_sectors()))
+        .collect();
+    for disk in layers.iter().chain(match upper {
+        UpperSpec::Disk(d) => Some(d),
+        UpperSpec::Tmpfs { .. } => None,
+    }) {
+        if let Some(r) = disk.region.filter(|r| r.sectors == 0) {
+            return Err(StorageError::EmptyRegion {
+                serial: disk.serial.clone(),
+                start: r.start_sector,
+            });
+        }
+    }
     match upper {
         UpperSpec::Disk(disk) => {
             if disk.fstype != FsType::Ext4.as_str() {
@@ -250,13 +298,13 @@ pub fn resolve_rootfs(
                     fstype: disk.fstype.clone(),
                 });
             }
-            serials.push(&disk.serial);
+            serials.push((&disk.serial, disk.min_sectors()));
         }
         UpperSpec::Tmpfs { size_bytes: 0 } => return Err(StorageError::EmptyTmpfs),
         UpperSpec::Tmpfs { .. } => {}
     }
 
-    let mut devices = wait_for_disks(sysfs_block, &serials, timeout)?;
+    let mut devices = wait_for_sized_disks(sysfs_block, &serials, timeout)?;
     let upper = match upper {
         UpperSpec::Disk(_) => UpperSource::Disk {
             // The upper disk's serial was pushed last.
@@ -272,6 +320,63 @@ pub fn resolve_rootfs(
         .map(|(device, fstype)| LayerSource { device, fstype })
         .collect();
     Ok((layers, upper))
+}
+
+/// Maps the disks that are regions of a store (device-mapper's linear target) and
+/// points their sources at the mappings; the mappings, for
+/// [`ContainerRootfs::hold`]. `layers` and `upper` are [`resolve_rootfs`]'s answer to
+/// `layer_specs` and `upper_spec`. On error nothing stays mapped.
+pub fn map_regions(
+    layers: &mut [LayerSource],
+    layer_specs: &[DiskSpec],
+    upper: &mut UpperSource,
+    upper_spec: &UpperSpec,
+) -> Result<Vec<Mapped>> {
+    let mut mapped = Vec::new();
+    let mut map = |device: &mut PathBuf, spec: &DiskSpec, read_only: bool| -> Result<()> {
+        let Some(region) = spec.region else {
+            return Ok(());
+        };
+        let m =
+            crate::dm::acquire(device, region, read_only).map_err(|source| StorageError::Map {
+                serial: spec.serial.clone(),
+                source,
+            })?;
+        *device = m.path.clone();
+        mapped.push(m);
+        Ok(())
+    };
+    let mut result = layers
+        .iter_mut()
+        .zip(layer_specs)
+        .try_for_each(|(layer, spec)| map(&mut layer.device, spec, true));
+    if let (Ok(()), UpperSource::Disk { device }, UpperSpec::Disk(spec)) =
+        (&result, &mut *upper, upper_spec)
+    {
+        result = map(device, spec, false);
+    }
+    match result {
+        Ok(()) => Ok(mapped),
+        Err(e) => {
+            for failure in release_mappings(&mut mapped) {
+                log::warn!("{failure}");
+            }
+            Err(e)
+        }
+    }
+}
+
+/// Releases mappings, keeping those that could not be released; why those could not.
+pub fn release_mappings(mapped: &mut Vec<Mapped>) -> Vec<String> {
+    let mut failures = Vec::new();
+    mapped.retain(|m| match crate::dm::release(m) {
+        Ok(()) => false,
+        Err(e) => {
+            failures.push(e.to_string());
+            true
+        }
+    });
+    failures
 }
 
 /// The attached disk with this serial and a non-zero size, as `/dev/vdX`, looking once.
@@ -295,25 +400,47 @@ pub fn wait_for_disks(
     serials: &[&str],
     timeout: Duration,
 ) -> Result<Vec<PathBuf>> {
-    for serial in serials {
+    let sized: Vec<(&str, u64)> = serials.iter().map(|s| (*s, 1)).collect();
+    wait_for_sized_disks(sysfs_block, &sized, timeout)
+}
+
+/// [`wait_for_disks`], each disk at least as many sectors as asked for with its serial
+/// (a store grows as the host adds files to it).
+pub fn wait_for_sized_disks(
+    sysfs_block: &Path,
+    wanted: &[(&str, u64)],
+    timeout: Duration,
+) -> Result<Vec<PathBuf>> {
+    for (serial, _) in wanted {
         check_serial(serial)?;
     }
     let started = Instant::now();
-    let mut found: Vec<Option<PathBuf>> = vec![None; serials.len()];
+    let mut found: Vec<Option<PathBuf>> = vec![None; wanted.len()];
     let mut backoff = FIRST_BACKOFF;
     loop {
-        let unreadable = scan(sysfs_block, serials, &mut found)?;
+        let scanned = scan(sysfs_block, wanted, &mut found)?;
         if found.iter().all(Option::is_some) {
             return Ok(found.into_iter().flatten().collect());
         }
         let waited = started.elapsed();
         if waited >= timeout {
-            let mut missing = serials
+            let unreadable = scanned.unreadable;
+            let mut missing = wanted
                 .iter()
                 .zip(&found)
                 .filter(|(_, device)| device.is_none())
-                .map(|(serial, _)| serial.to_string());
-            let serial = missing.next().expect("a serial is missing");
+                .map(|((serial, min), _)| (serial.to_string(), *min));
+            let (serial, min) = missing.next().expect("a serial is missing");
+            if let Some((device, sectors)) = scanned.too_small.get(&serial) {
+                return Err(StorageError::RegionPastEnd {
+                    serial,
+                    device: device.clone(),
+                    sectors: *sectors,
+                    end: min,
+                    waited: timeout,
+                });
+            }
+            let missing = missing.map(|(serial, _)| serial);
             let mut also_missing: Vec<String> = Vec::new();
             for other in missing {
                 if other != serial && !also_missing.contains(&other) {
@@ -351,33 +478,45 @@ fn check_serial(serial: &str) -> Result<()> {
     })
 }
 
-/// One look at the vd* disks, filling `found` for the serials it finds. Returns the
-/// attributes it could not read (a disk that vanished meanwhile is not one).
+/// One look at the vd* disks, filling `found` for the serials it finds on a disk of at
+/// least the sectors asked for. Every disk is looked at each time: a store found for
+/// one region may still be too small for another. Returns what it could not read (a
+/// disk that vanished meanwhile is not that) and the serials seen on too small a disk.
+/// What one look at sysfs saw besides the disks it found.
+struct Scanned {
+    /// vd* attributes that could not be read, with why.
+    unreadable: Vec<String>,
+    /// Serials seen on a disk smaller than asked for: the disk and its sectors.
+    too_small: HashMap<String, (PathBuf, u64)>,
+}
+
 fn scan(
     sysfs_block: &Path,
-    serials: &[&str],
+    wanted: &[(&str, u64)],
     found: &mut [Option<PathBuf>],
-) -> Result<Vec<String>> {
+) -> Result<Scanned> {
     let list_error = |source| StorageError::ListBlockDevices {
         path: sysfs_block.to_owned(),
         source,
     };
-    let mut unreadable = Vec::new();
+    let mut scanned = Scanned {
+        unreadable: Vec::new(),
+        too_small: HashMap::new(),
+    };
     for entry in fs::read_dir(sysfs_block).map_err(list_error)? {
         let name = entry.map_err(list_error)?.file_name();
         if !name.as_bytes().starts_with(b"vd") {
             continue;
         }
         let device = Path::new("/dev").join(&name);
-        if found.iter().any(|f| f.as_ref() == Some(&device)) {
-            continue;
-        }
         let dir = sysfs_block.join(&name);
         let size = match read_attribute(&dir.join("size")) {
             Ok(text) => text.parse::<u64>().unwrap_or(0),
             Err(e) => {
                 if e.kind() != io::ErrorKind::NotFound {
-                    unreadable.push(format!("{}/size ({e})", dir.display()));
+                    scanned
+                        .unreadable
+                        .push(format!("{}/size ({e})", dir.display()));
                 }
                 continue;
             }
@@ -389,12 +528,14 @@ fn scan(
             Ok(serial) => serial,
             Err(e) => {
                 if e.kind() != io::ErrorKind::NotFound {
-                    unreadable.push(format!("{}/serial ({e})", dir.display()));
+                    scanned
+                        .unreadable
+                        .push(format!("{}/serial ({e})", dir.display()));
                 }
                 continue;
             }
         };
-        for (wanted, slot) in serials.iter().zip(found.iter_mut()) {
+        for ((wanted, min), slot) in wanted.iter().zip(found.iter_mut()) {
             if *wanted != serial {
                 continue;
             }
@@ -406,11 +547,17 @@ fn scan(
                         second: device,
                     })
                 }
-                _ => *slot = Some(device.clone()),
+                Some(_) => {}
+                None if size < *min => {
+                    scanned
+                        .too_small
+                        .insert(serial.clone(), (device.clone(), size));
+                }
+                None => *slot = Some(device.clone()),
             }
         }
     }
-    Ok(unreadable)
+    Ok(scanned)
 }
 
 /// A sysfs attribute, which one read returns whole; without its trailing newline.
@@ -432,6 +579,8 @@ pub struct ContainerRootfs {
     mounted: Vec<PathBuf>,
     /// Directories this made, in the order it made them.
     made_dirs: Vec<PathBuf>,
+    /// Mappings of store regions its disks are, released once nothing is mounted.
+    mapped: Vec<Mapped>,
 }
 
 impl ContainerRootfs {
@@ -478,6 +627,7 @@ impl ContainerRootfs {
             rootfs: base_dir.join("rootfs"),
             mounted: Vec::new(),
             made_dirs: Vec::new(),
+            mapped: Vec::new(),
         };
         match rootfs.build(layers, &layer_dirs, upper, &upper_dir, &options) {
             Ok(()) => Ok(rootfs),
@@ -688,6 +838,11 @@ impl ContainerRootfs {
     /// made; the container's directory only if empty. Tries every step whatever fails
     /// (directories only once nothing is left mounted) and reports all failures;
     /// called again, it retries only what failed, and once it succeeded it does nothing.
+    /// Takes the mappings its disks are ([`map_regions`]), to release in teardown.
+    pub fn hold(&mut self, mapped: Vec<Mapped>) {
+        self.mapped.extend(mapped);
+    }
+
     pub fn teardown(&mut self) -> Result<()> {
         let mut failures = Vec::new();
         let mut still_mounted = Vec::new();
@@ -719,6 +874,7 @@ impl ContainerRootfs {
             }
             kept.reverse();
             self.made_dirs = kept;
+            failures.extend(release_mappings(&mut self.mapped));
         }
 
         if failures.is_empty() {
@@ -1023,6 +1179,7 @@ mod tests {
         DiskSpec {
             serial: serial.into(),
             fstype: fstype.into(),
+            region: None,
         }
     }
 
