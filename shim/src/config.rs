@@ -61,9 +61,9 @@ pub struct Config {
     pub memory_overhead_mib: u64,
     /// Most vCPUs a pod gets, whatever its limit.
     pub max_vcpus: u32,
-    /// Empty disk slots the VM boots with: one per distinct image and one upper per
-    /// container. virtio-mmio has no hotplug, so this bounds a pod's containers.
-    pub block_slots: u32,
+    /// No longer used: a pod's disks share one growing store (docs/decisions.md).
+    /// Accepted, with a warning, so that a node's older config still loads.
+    pub block_slots: Option<u32>,
     /// Size of each container's writable layer (a sparse file: only what is written
     /// takes space).
     pub upper_size_mib: u64,
@@ -119,7 +119,7 @@ impl Default for Config {
             default_memory_mib: 256,
             memory_overhead_mib: 64,
             max_vcpus: 8,
-            block_slots: 12,
+            block_slots: None,
             upper_size_mib: 10 * 1024,
             log_level: "info".into(),
             guest_console: false,
@@ -193,12 +193,12 @@ impl Config {
                 "default_vcpus and max_vcpus must be at least 1".into(),
             ));
         }
-        if config.block_slots < 2 || config.block_slots > 16 {
-            return Err(invalid(format!(
-                "block_slots = {}: a pod needs at least 2 (a layer and an upper) and the VM \
-                 has room for at most 16 besides its network and vsock devices",
-                config.block_slots
-            )));
+        if let Some(n) = config.block_slots {
+            log::warn!(
+                "{}: block_slots = {n} is no longer used (a pod's disks share one device \
+                 whose capacity grows); remove the line",
+                path.display()
+            );
         }
         // Linux's largest pid_max: every jailed id must stay below (uid_t)-1.
         const PID_MAX_LIMIT: u32 = 1 << 22;
@@ -290,15 +290,15 @@ mod tests {
     fn empty_file_is_the_defaults() {
         let c = parse("vmm = \"/usr/bin/peapod-vmm\"").unwrap();
         assert_eq!(c.vmm, PathBuf::from("/usr/bin/peapod-vmm"));
-        assert_eq!(c.block_slots, Config::default().block_slots);
+        assert_eq!(c.upper_size_mib, Config::default().upper_size_mib);
     }
 
     #[test]
     fn unknown_keys_and_bad_values_name_the_file() {
         let e = parse("kernal = \"/x\"").unwrap_err().to_string();
         assert!(e.contains("test.toml") && e.contains("kernal"), "{e}");
-        let e = parse("block_slots = 40").unwrap_err().to_string();
-        assert!(e.contains("block_slots = 40"), "{e}");
+        // A setting no longer used still loads.
+        assert_eq!(parse("block_slots = 12").unwrap().block_slots, Some(12));
         for bad in ["0", "4294000000"] {
             let e = parse(&format!("jail_id_base = {bad}"))
                 .unwrap_err()

@@ -78,12 +78,6 @@ pub enum ShimError {
     },
     #[error("{what}: {source}")]
     Vmm { what: String, source: VmmError },
-    #[error(
-        "no free disk slot in the pod's VM for {} (all {slots} are in use: raise \
-         block_slots in the peapod config)",
-        .path.display()
-    )]
-    NoFreeSlot { path: PathBuf, slots: u32 },
     #[error("{what}: {}", agent_cause(.source))]
     Agent {
         what: String,

@@ -10,16 +10,16 @@
 //! service             the task RPCs; a ShimError becomes a ttrpc status here only
 //! pod                 the pod: its VM and tasks, the events containerd is told
 //! sandbox_vm          the VM: boot, supervision (VmEvents to the pod), teardown
-//! block_slots, tasks  the VM's disk slots; containers, execs and their states
+//! disk_store, tasks   the pod's disks in one growing store; containers, execs and their states
 //! error               ShimError, the shim's one error type below the service
 //! vmm, jail, cgroup, network, rootfs, volumes, stdio, agent, state, config, options
 //! spec                a container's OCI spec, read through oci-spec
 //! ```
 
 pub mod agent;
-pub mod block_slots;
 pub mod cgroup;
 pub mod config;
+pub mod disk_store;
 pub mod error;
 pub mod jail;
 pub mod network;

@@ -388,23 +388,14 @@ impl Pod {
 
         let mut layers = Vec::new();
         for l in &prepared.layers {
-            let serial = vm.attach_disk(&l.path, true).await?;
+            layers.push(vm.attach_disk(&l.path, true, l.fstype).await?);
             disks.push(l.path.clone());
-            layers.push(agent_proto::Disk {
-                serial,
-                fstype: l.fstype.to_string(),
-                ..Default::default()
-            });
         }
-        let serial = vm.attach_disk(&prepared.upper, false).await?;
+        let upper = vm.attach_disk(&prepared.upper, false, "ext4").await?;
         disks.push(prepared.upper.clone());
         let rootfs = agent_proto::Rootfs {
             layers,
-            upper: Some(agent_proto::rootfs::Upper::UpperDisk(agent_proto::Disk {
-                serial,
-                fstype: "ext4".into(),
-                ..Default::default()
-            })),
+            upper: Some(agent_proto::rootfs::Upper::UpperDisk(upper)),
             ..Default::default()
         };
         // Host files the spec binds: copied into the guest.

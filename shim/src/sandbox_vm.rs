@@ -20,9 +20,9 @@ use peapod_agent_protocol::AgentClient;
 use tokio::sync::{mpsc, watch, Mutex};
 
 use crate::agent::{self, ctx, ctx_forever};
-use crate::block_slots::BlockSlots;
 use crate::cgroup::VmmCgroup;
 use crate::config::Config;
+use crate::disk_store::DiskStore;
 use crate::error::{self, Result, ShimError};
 use crate::network::{self, PodNetwork};
 use crate::port_forward::PortForward;
@@ -65,7 +65,7 @@ pub struct SandboxVm {
     port_forward: std::sync::Mutex<Option<PortForward>>,
     /// Set when the VMM process has exited (for whatever reason).
     gone: watch::Receiver<bool>,
-    slots: Mutex<BlockSlots>,
+    disks: Mutex<DiskStore>,
 }
 
 impl SandboxVm {
@@ -262,7 +262,7 @@ impl SandboxVm {
             network: made.network.clone(),
             port_forward: std::sync::Mutex::new(port_forward),
             gone: gone_rx,
-            slots: Mutex::new(BlockSlots::new(config.block_slots)),
+            disks: Mutex::new(DiskStore::default()),
         });
         made.disarm();
         vm.spawn_oom_watch(events_tx);
@@ -362,19 +362,26 @@ impl SandboxVm {
         reaped.is_ok()
     }
 
-    /// Puts an image in a disk slot (or shares the one it is in); its serial.
-    pub async fn attach_disk(&self, path: &Path, read_only: bool) -> Result<String> {
-        self.slots
+    /// Adds an image to the pod's disk store (or shares it); the disk the agent is
+    /// told to mount, as `fstype`.
+    pub async fn attach_disk(
+        &self,
+        path: &Path,
+        read_only: bool,
+        fstype: &str,
+    ) -> Result<agent_proto::Disk> {
+        self.disks
             .lock()
             .await
-            .attach(&self.api, path, read_only)
+            .attach(&self.api, path, read_only, fstype)
             .await
     }
 
-    /// Drops one reference to an attached image; the last one empties its slot.
+    /// Drops one reference to an attached image; the last one removes it from the
+    /// store.
     pub async fn release_disk(&self, path: &Path) {
         let api = (!self.is_gone()).then_some(&self.api);
-        self.slots.lock().await.release(api, path).await;
+        self.disks.lock().await.release(api, path).await;
     }
 
     /// The VMM is gone: its network plumbing goes too.

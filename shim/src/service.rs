@@ -64,7 +64,6 @@ fn code(e: &ShimError) -> Code {
         | E::ExecSpec { .. }
         | E::Rootfs { .. }
         | E::Volume(VolumeError::Source { .. }) => Code::INVALID_ARGUMENT,
-        E::NoFreeSlot { .. } => Code::RESOURCE_EXHAUSTED,
         // The agent's own answer keeps its code; no answer at all is UNAVAILABLE.
         E::Agent {
             source: ttrpc::Error::RpcStatus(s),
@@ -523,15 +522,6 @@ mod tests {
         let (code, msg) = code_and_message(ShimError::TaskNotFound { id: "c1".into() });
         assert_eq!(code, Code::NOT_FOUND);
         assert!(msg.contains("task c1"), "{msg}");
-        let (code, msg) = code_and_message(ShimError::NoFreeSlot {
-            path: "/l.img".into(),
-            slots: 12,
-        });
-        assert_eq!(code, Code::RESOURCE_EXHAUSTED);
-        assert!(
-            msg.contains("/l.img") && msg.contains("block_slots"),
-            "{msg}"
-        );
         // The agent's answer keeps its code; a lost agent is UNAVAILABLE.
         let answered = ttrpc::Error::RpcStatus(ttrpc::get_status(Code::NOT_FOUND, "no c1"));
         let (code, msg) = code_and_message(error::agent("task c1: Kill")(answered));

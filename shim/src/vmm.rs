@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use std::process::{Command, ExitStatus};
 
-use peapod_vmm_api::{BlockSet, ClientError, VmmClient};
+use peapod_vmm_api::{BlockRegion, BlockSet, ClientError, VmmClient};
 use tokio::sync::oneshot;
 
 use crate::cgroup::{self, CgroupError, VmmCgroup};
@@ -199,7 +199,7 @@ fn command(spec: &VmSpec) -> Result<Command, VmmError> {
         .arg(seen(&c.initrd, jail::INITRD))
         .args(["--vcpus", &spec.size.vcpus.to_string()])
         .args(["--memory", &spec.size.memory_mib.to_string()])
-        .args(["--block-slots", &c.block_slots.to_string()])
+        .args(["--block-slots", "1"])
         .arg("--vsock")
         .arg(format!(
             "cid={GUEST_CID},socket={}",
@@ -314,16 +314,16 @@ impl VmmApi {
         }
     }
 
-    /// Puts a disk image in an empty slot: the guest sees a disk with `serial`. The
-    /// shim opens the image and passes it open (a jailed VMM cannot open host paths);
-    /// the path only names it in the VMM's log.
-    pub async fn block_set(
+    /// Adds a disk image to the store in `slot` (whose serial is `serial`); where the
+    /// guest finds it. The shim opens the image and passes it open (a jailed VMM
+    /// cannot open host paths); the path only names it in the VMM's log.
+    pub async fn block_append(
         &self,
         slot: u32,
         path: &Path,
         read_only: bool,
         serial: &str,
-    ) -> Result<(), VmmError> {
+    ) -> Result<BlockRegion, VmmError> {
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(!read_only)
@@ -339,12 +339,12 @@ impl VmmApi {
             id: Some(serial.into()),
             fd: true,
         };
-        self.call(move |c| c.block_set_open(&set, &file)).await
+        self.call(move |c| c.block_append_open(&set, &file)).await
     }
 
-    /// Empties a slot again.
-    pub async fn block_clear(&self, slot: u32) -> Result<(), VmmError> {
-        self.call(move |c| c.block_clear(slot)).await
+    /// Drops the image at `start_sector` from the store in `slot`.
+    pub async fn block_remove(&self, slot: u32, start_sector: u64) -> Result<(), VmmError> {
+        self.call(move |c| c.block_remove(slot, start_sector)).await
     }
 
     pub async fn pause(&self) -> Result<(), VmmError> {

@@ -71,7 +71,6 @@ pub struct PeapodConfig {
     pub layer_cache: Option<PathBuf>,
     pub default_vcpus: Option<u32>,
     pub default_memory_mib: Option<u32>,
-    pub block_slots: Option<u32>,
     pub boot_timeout_secs: Option<u32>,
     pub agent_timeout_secs: Option<u32>,
     /// How long a stop waits for a guest that does not answer before the VM is ended.
@@ -98,7 +97,6 @@ impl PeapodConfig {
             layer_cache: None,
             default_vcpus: Some(1),
             default_memory_mib: Some(256),
-            block_slots: Some(8),
             boot_timeout_secs: Some(GUEST_DEADLINE_SECS),
             agent_timeout_secs: Some(GUEST_DEADLINE_SECS),
             stop_timeout_secs: Some(STOP_DEADLINE_SECS),
@@ -128,7 +126,6 @@ impl PeapodConfig {
         let numbers = [
             ("default_vcpus", self.default_vcpus),
             ("default_memory_mib", self.default_memory_mib),
-            ("block_slots", self.block_slots),
             ("boot_timeout_secs", self.boot_timeout_secs),
             ("agent_timeout_secs", self.agent_timeout_secs),
             ("stop_timeout_secs", self.stop_timeout_secs),
