@@ -149,14 +149,17 @@ fn relative(path: &Path) -> PathBuf {
 /// The directory each layer of a [`layered_image_tar`] image above the first two adds
 /// a file to.
 pub const STACK_DIR: &str = "/stack";
+/// Where a [`layered_image_tar`] image of 3 layers or more names itself.
+pub const IMAGE_NAME_PATH: &str = "/etc/peapod-image";
 
 /// Writes the OCI-layout tarball of an image of `layers` layers into `dir`: busybox
 /// alone for 1, the busybox image's two for 2; beyond, those two, then `layers - 2`
 /// that each add
 /// `/stack/<i>` (holding `i`) and `/stack/tmp-<i>`, and delete the layer below's
 /// `tmp-<i-1>` with a whiteout; the last also replaces [`HELLO_PATH`] with
-/// `hello from layer <layers>`. So a merged tree shows `layers - 2` numbered files, one
-/// `tmp-` file, and the top layer's hello.
+/// `hello from layer <layers>` and writes [`IMAGE_NAME_PATH`] (the reference, so that
+/// images of the same depth are different images). So a merged tree shows `layers - 2`
+/// numbered files, one `tmp-` file, and the top layer's hello.
 pub fn layered_image_tar(
     dir: &Path,
     reference: &'static str,
@@ -180,6 +183,11 @@ pub fn layered_image_tar(
             t.file(
                 hello,
                 format!("hello from layer {layers}\n").as_bytes(),
+                0o644,
+            );
+            t.file(
+                IMAGE_NAME_PATH.trim_start_matches('/'),
+                format!("{reference}\n").as_bytes(),
                 0o644,
             );
         }

@@ -6,10 +6,12 @@
 //!
 //! a. `Version` and `Health` answer; the agent reports the guest's kernel release.
 //! b. `CreateSandbox` with a hostname.
-//! c. Container c1 on three hot-filled block slots: the busybox layer (EROFS where
-//!    erofs-utils is installed, else ext4), a one-file layer stacked on it, an ext4
-//!    upper disk. Its stdout and stderr are attached before `StartContainer`; they
-//!    carry exactly what the process wrote, and `WaitProcess` its exit code.
+//! c. Container c1 on three regions of one store (a block slot the VMM grows as files
+//!    are appended, which the agent maps with device-mapper): the busybox layer (EROFS
+//!    where erofs-utils is installed, else ext4), a one-file layer stacked on it, an
+//!    ext4 upper disk. Its stdout and stderr are attached before `StartContainer`;
+//!    they carry exactly what the process wrote, and `WaitProcess` its exit code.
+//!    The other containers take the busybox layer as a whole disk in a slot.
 //! d. Container c2 (tmpfs upper) running `sleep`: an exec fed through stdin, an exec
 //!    on a terminal, execs into a missing and into a stopped container (errors naming
 //!    them), SIGKILL seen as 137 / signal 9.
@@ -22,8 +24,9 @@
 //!    /etc and to its rootfs (another container's, to any other): `CopyFile`
 //!    through them fails, naming the path and the cause, and writes nothing there;
 //!    the kubelet's `..data` swap in that volume still reaches c4. An exec into c4
-//!    with CAP_MKNOD makes a node of c1's upper disk but cannot open it (the device
-//!    rules of containerd's CRI, applied in the guest); /dev/null still opens.
+//!    with CAP_MKNOD makes a node of the store that held c1's disks but cannot open
+//!    it (the device rules of containerd's CRI, applied in the guest); /dev/null
+//!    still opens; c1's mappings went with it.
 //! g. Bad input (a disk that is not attached, a spec that is not JSON) gets errors
 //!    naming the cause, and the agent still answers and c4 still runs.
 //! h. `DestroySandbox` (c4 still running) powers the VM off: the VMM exits on its
@@ -38,9 +41,9 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use peapod_agent_protocol::{
-    rootfs, CopyFileRequest, CreateContainerRequest, CreateSandboxRequest, ExecProcessRequest,
-    MessageField, RemoveContainerRequest, Rootfs, SignalProcessRequest, Stdio, StdioStream,
-    WaitResponse, PROTOCOL,
+    rootfs, CopyFileRequest, CreateContainerRequest, CreateSandboxRequest, Disk,
+    ExecProcessRequest, MessageField, RemoveContainerRequest, Rootfs, SignalProcessRequest, Stdio,
+    StdioStream, WaitResponse, PROTOCOL,
 };
 use peapod_tests::agent::{
     attach, error_text, read_all_in_background, read_all_with_timeout, AgentConn, GuestLog,
@@ -54,11 +57,14 @@ use peapod_tests::{
     guest_kernel_release, host_kernel_release, require_kvm, require_root, VmmOptions, VmmProcess,
     BOOT_TIMEOUT,
 };
+use peapod_vmm_api::BlockSet;
 use serde_json::json;
 
 const GUEST_CID: u32 = 3;
 const MEMORY_MIB: &str = "256";
 const SLOTS: &str = "8";
+/// The serial of the store in slot 0.
+const STORE_SERIAL: &str = "pod-store";
 const HOSTNAME: &str = "peapod-test";
 /// Reading a process's output to its end, and waiting for slow processes.
 const IO_TIMEOUT: Duration = Duration::from_secs(240);
@@ -132,6 +138,29 @@ fn fill_slot(vm: &Vm, slot: u32, disk: &DiskImage, read_only: bool) {
         .unwrap_or_else(|e| panic!("block.set {set:?}: {e}"));
 }
 
+/// Adds `disk` to the store in block slot `slot` (which an empty slot becomes); the
+/// agent's `Disk` for its region.
+fn append_to_store(vm: &Vm, slot: u32, disk: &DiskImage, read_only: bool) -> Disk {
+    let set = BlockSet {
+        id: Some(STORE_SERIAL.into()),
+        ..disk.block_set(slot, read_only)
+    };
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(!read_only)
+        .open(&disk.path)
+        .unwrap();
+    let region =
+        vm.0.api()
+            .block_append_open(&set, &file)
+            .unwrap_or_else(|e| panic!("block.append {set:?}: {e}"));
+    let mut d = disk.disk();
+    d.serial = STORE_SERIAL.into();
+    d.start_sector = region.start_sector;
+    d.sectors = region.sectors;
+    d
+}
+
 fn stdio(stdin: bool, stdout: bool, stderr: bool, terminal: bool) -> MessageField<Stdio> {
     let mut s = Stdio::new();
     s.stdin = stdin;
@@ -144,6 +173,13 @@ fn stdio(stdin: bool, stdout: bool, stderr: bool, terminal: bool) -> MessageFiel
 fn rootfs_of(layers: &[&DiskImage], upper: rootfs::Upper) -> MessageField<Rootfs> {
     let mut r = Rootfs::new();
     r.layers = layers.iter().map(|d| d.disk()).collect();
+    r.upper = Some(upper);
+    MessageField::some(r)
+}
+
+fn store_rootfs(layers: &[Disk], upper: rootfs::Upper) -> MessageField<Rootfs> {
+    let mut r = Rootfs::new();
+    r.layers = layers.to_vec();
     r.upper = Some(upper);
     MessageField::some(r)
 }
@@ -365,10 +401,15 @@ fn the_agent_runs_containers_on_one_vm() {
     sandbox.hostname = HOSTNAME.into();
     ok("CreateSandbox", conn.create_sandbox(&sandbox));
 
-    // (c) c1 on stacked layers and an upper disk; output attached before it starts.
-    fill_slot(&vm, 0, &base, true);
-    fill_slot(&vm, 1, &app, true);
-    fill_slot(&vm, 2, &upper, false);
+    // (c) c1 on stacked layers and an upper disk, all three regions of one store (as
+    // the shim attaches a pod's disks); output attached before it starts. The later
+    // containers take the base layer as a whole disk (slot 1).
+    let store_disks = [
+        append_to_store(&vm, 0, &app, true),
+        append_to_store(&vm, 0, &base, true),
+    ];
+    let store_upper = append_to_store(&vm, 0, &upper, false);
+    fill_slot(&vm, 1, &base, true);
     step(&conn, &log, "c1", |id| {
         let spec = oci_spec(
             &[
@@ -382,7 +423,7 @@ fn the_agent_runs_containers_on_one_vm() {
             id,
             &spec,
             // Topmost first.
-            rootfs_of(&[&app, &base], rootfs::Upper::UpperDisk(upper.disk())),
+            store_rootfs(&store_disks, rootfs::Upper::UpperDisk(store_upper.clone())),
             stdio(false, true, true, false),
         );
         ok("CreateContainer c1", conn.create_container(&req));
@@ -705,18 +746,19 @@ fn the_agent_runs_containers_on_one_vm() {
         )
     });
 
-    // e6: an exec into c4 (execs join its cgroup) with CAP_MKNOD makes a node of c1's
-    // upper disk (still in slot 2), another container's writable layer: making it is
-    // allowed (as runc allows), opening it is not; /dev/null still opens. c4's spec
-    // carries the device rules containerd's CRI sends.
+    // e6: an exec into c4 (execs join its cgroup) with CAP_MKNOD makes a node of the
+    // store in slot 0, which held c1's writable layer: making it is allowed (as runc
+    // allows), opening it is not; /dev/null still opens. c4's spec carries the device
+    // rules containerd's CRI sends. No mapping of c1's regions is left.
     step(&conn, &log, "e6", |exec_id| {
         let script = format!(
-            "for d in /sys/block/vd*; do read s < $d/serial; \
+            "ls -d /sys/block/dm-* 2>/dev/null || echo no-dm; \
+             for d in /sys/block/vd*; do read s < $d/serial; \
              if [ \"$s\" = {serial} ]; then read mm < $d/dev; fi; done; \
              mknod /dev/other-disk b ${{mm%:*}} ${{mm#*:}} && echo made $mm; \
              dd if=/dev/other-disk of=/dev/null count=1 2>&1; \
              echo x > /dev/null && echo null-ok",
-            serial = upper.serial
+            serial = STORE_SERIAL
         );
         let mut process = oci_process(&["sh", "-c", &script], false);
         for set in ["bounding", "effective", "permitted"] {
@@ -729,7 +771,7 @@ fn the_agent_runs_containers_on_one_vm() {
         req.oci_process = to_bytes(&process);
         let (got, exit) = exec_stdout(&conn, &uds, &req)?;
         check(
-            got.starts_with("made ")
+            got.starts_with("no-dm\nmade ")
                 && got.contains("can't open '/dev/other-disk': Operation not permitted")
                 && got.ends_with("null-ok\n"),
             format!("e6 makes the node of c1's disk, cannot open it, opens /dev/null: {got:?} (exit {exit:?})"),

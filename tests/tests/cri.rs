@@ -22,8 +22,8 @@ use peapod_tests::cri::{exec_stream, port_forward_stream, AttachedTerminal, PEAP
 use peapod_tests::kubelet::{cri_log_lines, ContainerSpec, Node, CONTAINER_TIMEOUT};
 use peapod_tests::leftovers::pod_processes;
 use peapod_tests::oci_image::{
-    iptables_image_tar, layered_image_tar, pseudo_random, www_image_tar, HELLO_PATH, STACK_DIR,
-    WWW_DIR,
+    iptables_image_tar, layered_image_tar, pseudo_random, www_image_tar, HELLO_PATH,
+    IMAGE_NAME_PATH, STACK_DIR, WWW_DIR,
 };
 use peapod_tests::{
     allocated_bytes, guest_kernel_release, host_kernel_release, read_until_closed, require_kvm,
@@ -94,6 +94,17 @@ const DEEP_IMAGE: &str = "docker.io/peapod/deep:test";
 /// The port-forward server's image: busybox and the files it serves.
 const WWW_IMAGE: &str = "docker.io/peapod/www:test";
 const DEEP_LAYERS: usize = 40;
+/// A pod of containers from many images: six of ten layers each, twelve disks (an
+/// image and an upper per container), more than a VM has device slots.
+const MANY_IMAGES: [&str; 6] = [
+    "docker.io/peapod/many-a:test",
+    "docker.io/peapod/many-b:test",
+    "docker.io/peapod/many-c:test",
+    "docker.io/peapod/many-d:test",
+    "docker.io/peapod/many-e:test",
+    "docker.io/peapod/many-f:test",
+];
+const MANY_LAYERS: usize = 10;
 
 /// The images of `node`'s layer cache that each VMM holds open, by the VMM's pid, as
 /// (device, inode): VMMs that hold the same file share its pages in the host's page
@@ -537,6 +548,31 @@ fn a_kubelet_runs_peapod_pods_beside_runc() {
             }),
         })
         .expect("RemoveImage of the deep image");
+
+    // Six more containers in the web pod, each of its own image of ten layers: every
+    // image and upper disk is a region of the pod's one disk store, so the pod is
+    // not bounded by the VM's device slots. Each prints its image's name.
+    let many: Vec<_> = MANY_IMAGES
+        .iter()
+        .enumerate()
+        .map(|(i, &image)| {
+            let (tar, image) = layered_image_tar(node.scratch_dir(), image, MANY_LAYERS);
+            node.import_image(&tar, image);
+            let script = format!("cat {IMAGE_NAME_PATH} {HELLO_PATH}; exec sleep 3600");
+            node.run_container(
+                &web,
+                &ContainerSpec::shell(&format!("many-{i}"), &script).image(image),
+            )
+        })
+        .collect();
+    for (c, image) in many.iter().zip(MANY_IMAGES) {
+        let lines = node.wait_log(c, &format!("hello from layer {MANY_LAYERS}"));
+        assert!(
+            lines.iter().any(|(_, text)| text == image),
+            "{} runs its own image {image}: {lines:?}",
+            c.id
+        );
+    }
 
     // `kubectl attach -it` to the client's shell: what is typed reaches it, its
     // output comes back, a resize reaches its terminal, and detaching leaves it
