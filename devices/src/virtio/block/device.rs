@@ -61,22 +61,9 @@ impl Block {
     /// read-only backing itself by failing writes (flushes succeed: nothing to flush).
     pub fn set_backing(&mut self, backing: Option<BlockBacking>) -> Result<(), BlockError> {
         let disk = backing.map(Disk::open).transpose()?;
-        match &disk {
-            Some(d) => log::debug!(
-                "virtio-blk: slot now serves {} ({} sectors{}, ID {:?})",
-                d.backing.path.display(),
-                d.sectors,
-                if d.backing.read_only {
-                    ", read-only"
-                } else {
-                    ""
-                },
-                d.backing.id
-            ),
-            None => log::debug!("virtio-blk: slot emptied"),
-        }
         // Requests run on this thread, so none is using the old file.
         self.contents = disk.map_or(Contents::Empty, Contents::Disk);
+        log::debug!("virtio-blk: slot now serves {}", self.contents.describe());
         // Linux re-reads the capacity on this interrupt and resizes the disk.
         self.interrupt.signal_config_change();
         Ok(())
