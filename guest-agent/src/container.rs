@@ -176,30 +176,47 @@ impl Container {
                         }
                     }
                 });
-            let handle = match handle {
+            let forget = |console: Option<ConsoleSocket>| {
+                if let Some(c) = console {
+                    c.abandon();
+                }
+                let _ = fs::remove_dir_all(Path::new(RUNTIME_DIR).join(id));
+                let _ = fs::remove_dir(&cgroup_dir);
+            };
+            let mut handle = match handle {
                 Ok(h) => h,
                 Err(e) => {
                     drop(spawning);
-                    if let Some(c) = console {
-                        c.abandon();
-                    }
-                    let _ = fs::remove_dir_all(Path::new(RUNTIME_DIR).join(id));
-                    let _ = fs::remove_dir(&cgroup_dir);
+                    forget(console);
                     return Err(e);
                 }
             };
-            let pid = handle.pid().ok_or_else(|| {
-                ContainerError::runtime(
-                    id,
-                    "creating the container",
-                    "libcontainer reported no pid",
-                )
-            })?;
-            reaper.register(pid.as_raw(), &init);
+            let pid = handle.pid();
+            if let Some(pid) = pid {
+                reaper.register(pid.as_raw(), &init);
+            }
             drop(spawning);
-            if let Some(c) = console {
-                init.set_terminal(c.receive(id)?)
-                    .map_err(|e| ContainerError::runtime(id, "keeping its terminal", e))?;
+            let finished = match (pid, console) {
+                (None, console) => {
+                    forget(console);
+                    Err(ContainerError::runtime(
+                        id,
+                        "creating the container",
+                        "libcontainer reported no pid",
+                    ))
+                }
+                (Some(_), Some(c)) => c.receive(id).and_then(|terminal| {
+                    init.set_terminal(terminal)
+                        .map_err(|e| ContainerError::runtime(id, "keeping its terminal", e))
+                }),
+                (Some(_), None) => Ok(()),
+            };
+            if let Err(e) = finished {
+                // The process waits for a start that will not come: killed (the reaper
+                // reaps it), with its state and cgroup.
+                let _ = handle.delete(true);
+                forget(None);
+                return Err(e);
             }
             Ok((init, handle, spec.seccomp))
         })();
