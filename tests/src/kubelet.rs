@@ -262,6 +262,16 @@ impl Node {
         node
     }
 
+    /// Kills containerd (SIGKILL, as a crash) and starts it again on the same state,
+    /// with its pods' shims still running; reconnects CRI once it is ready again.
+    pub fn restart_containerd(&mut self) {
+        self.ctd.restart();
+        self.cri = CriClient::connect(&self.ctd.socket)
+            .unwrap_or_else(|e| panic!("CRI after a restart: {e}\n{}", self.ctd.log_tail()));
+        let image = self.image.clone();
+        self.wait_cri_ready(&[&image]);
+    }
+
     /// Imports the OCI-layout tarball `tar` of image `reference` and waits until CRI
     /// lists it.
     pub fn import_image(&self, tar: &Path, reference: &str) {

@@ -165,7 +165,7 @@ const MEMORY_MAX: &str = "p=$(sed -n 's/^0:://p' /proc/self/cgroup); \
 #[test]
 fn a_kubelet_runs_peapod_pods_beside_runc() {
     let _turn = one_node_at_a_time();
-    let node = Node::start();
+    let mut node = Node::start();
     let (host_release, guest_release) = (host_kernel_release(), guest_kernel_release());
     assert_ne!(
         host_release, guest_release,
@@ -574,6 +574,32 @@ fn a_kubelet_runs_peapod_pods_beside_runc() {
         );
     }
 
+    // containerd crashes and comes back while the pods run (the shims run on): CRI
+    // still lists the pods ready and their containers running, and exec works; the
+    // attach and exec below, and the pods' stop and removal at the end, go through
+    // the restarted containerd too.
+    node.restart_containerd();
+    for pod in [&web, &client, &runc_pod] {
+        assert_eq!(
+            node.pod_status(pod).state,
+            PodSandboxState::SandboxReady as i32,
+            "pod {} after containerd's restart",
+            pod.id
+        );
+    }
+    for c in [&client_main, &many[0]] {
+        assert_eq!(
+            node.container_status(c).state,
+            ContainerState::ContainerRunning as i32,
+            "container {} after containerd's restart",
+            c.id
+        );
+    }
+    assert_eq!(
+        node.exec_ok(&client_main, "echo after-restart"),
+        "after-restart"
+    );
+
     // `kubectl attach -it` to the client's shell: what is typed reaches it, its
     // output comes back, a resize reaches its terminal, and detaching leaves it
     // running.
@@ -845,6 +871,16 @@ fn a_kubelet_runs_peapod_pods_beside_runc() {
         "the wedged pod's VMM {vmm} is gone"
     );
     eprintln!("a wedged pod's sandbox exited {took:?} after it froze (health bound {bound:?})");
+    // Its containers are reported exited, with a reason, as for a VMM that died.
+    for c in &many {
+        let status = node.wait_container_state(c, ContainerState::ContainerExited);
+        assert_eq!(
+            (status.exit_code, status.reason.as_str()),
+            (255, "Error"),
+            "container {} of the ended VM: {status:?}",
+            c.id
+        );
+    }
 
     for pod in [&web, &runc_pod] {
         node.remove_pod(pod);
