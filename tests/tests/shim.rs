@@ -8,7 +8,7 @@
 
 use std::path::Path;
 use std::process::Output;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use peapod_tests::containerd::{
     describe_output, Containerd, ContainerdOptions, PeapodConfig, PodNetns, PEAPOD_RUNTIME,
@@ -543,7 +543,8 @@ fn peapod_two_containers_share_one_vm() {
 }
 
 /// (d) containerd crashes and comes back while a pod runs: the pod and its shim live
-/// on, and containerd can still exec, kill and delete.
+/// on, and containerd can still exec. Then the shim is killed: containerd's cleanup
+/// leaves nothing of the pod.
 #[test]
 fn peapod_task_survives_containerd_restart() {
     let mut h = Harness::peapod(&[]);
@@ -554,7 +555,26 @@ fn peapod_task_survives_containerd_restart() {
     assert_eq!(h.ctd.task_status("c4").as_deref(), Some("RUNNING"));
     assert_eq!(h.host_now().pids_named(VMM_NAME), vmms, "the VMM lives on");
     assert_eq!(h.exec_ok("c4", "e1", "echo after-restart"), "after-restart");
-    h.kill_and_delete("c4");
+
+    // Then the shim is killed (SIGKILL, as a crash or the OOM killer): its VMM dies
+    // with it, containerd sees the task end and runs the shim binary's `delete` on the
+    // bundle, and once the task and container are deleted nothing of the pod is left
+    // (`finish`: processes, mounts, taps, cgroups, files).
+    let shims = h.host_now().pids_named("containerd-shim");
+    assert_eq!(shims.len(), 1, "one shim for one pod: {shims:?}");
+    // SAFETY: kill(2) of the pod's shim, a process of this test's containerd.
+    assert_eq!(unsafe { libc::kill(shims[0], libc::SIGKILL) }, 0);
+    let deadline = Instant::now() + STOP_TIMEOUT;
+    while h.ctd.task_status("c4").as_deref() == Some("RUNNING") {
+        assert!(
+            Instant::now() < deadline,
+            "task c4 still RUNNING {STOP_TIMEOUT:?} after its shim was killed\n{}",
+            h.ctd.log_tail()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let _ = h.ctd.ctr(&["task", "delete", "c4"]);
+    h.ctd.ctr_ok(&["container", "delete", "c4"]);
     h.finish();
 }
 
