@@ -20,6 +20,8 @@ use containerd_shim_protos::protobuf::MessageField;
 
 /// The runtime type containerd knows the shim by.
 pub const RUNTIME_TYPE: &str = "io.containerd.peapod.v2";
+/// The bundle's file naming the pod's shim socket, as containerd reads it.
+const ADDRESS_FILE: &str = "address";
 
 pub struct PeapodShim {
     namespace: String,
@@ -75,7 +77,7 @@ impl Shim for PeapodShim {
         let socket_path = address.trim_start_matches("unix://").to_string();
         if std::os::unix::net::UnixStream::connect(&socket_path).is_ok() {
             // The pod's shim runs already.
-            std::fs::write("address", &address).map_err(other)?;
+            std::fs::write(ADDRESS_FILE, &address).map_err(other)?;
             return Ok(address);
         }
         let mut stdin = Vec::new();
@@ -83,7 +85,7 @@ impl Shim for PeapodShim {
         let config_path = crate::options::from_stdin_bytes(&stdin)
             .and_then(|any| crate::options::config_path(&any));
         spawn_server(&opts, &address, config_path.as_deref()).await?;
-        std::fs::write("address", &address).map_err(other)?;
+        std::fs::write(ADDRESS_FILE, &address).map_err(other)?;
         Ok(address)
     }
 
@@ -143,6 +145,7 @@ impl Shim for PeapodShim {
 
 /// What `delete` does, as a function of the bundle directory.
 pub fn cleanup_from_bundle(bundle: &Path) -> std::io::Result<()> {
+    remove_dead_socket(bundle)?;
     let Some(rec) = state::read_json::<TaskRecord>(&bundle.join(state::BUNDLE_FILE))? else {
         return Ok(());
     };
@@ -151,6 +154,26 @@ pub fn cleanup_from_bundle(bundle: &Path) -> std::io::Result<()> {
         sandbox_vm::cleanup_pod_dir(&rec.pod_dir)?;
     }
     state::remove_file(&bundle.join(state::BUNDLE_FILE))
+}
+
+/// Removes the pod's shim socket that the bundle's `address` names, once nothing
+/// listens on it: a shim that was killed could not remove it, and containerd does not.
+/// A socket a live shim answers on (the pod's other tasks) stays.
+fn remove_dead_socket(bundle: &Path) -> std::io::Result<()> {
+    let address = match std::fs::read_to_string(bundle.join(ADDRESS_FILE)) {
+        Ok(a) => a,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    let path = Path::new(address.trim().trim_start_matches("unix://"));
+    match std::os::unix::net::UnixStream::connect(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+            log::info!("removing {}: its shim is gone", path.display());
+            state::remove_file(path)
+        }
+        // Alive, or gone already.
+        _ => Ok(()),
+    }
 }
 
 /// Starts the shim server (this binary without `start`) in its own session, and
@@ -233,8 +256,14 @@ mod tests {
             sandbox: true,
         };
         state::write_json(&bundle.join(state::BUNDLE_FILE), &task).unwrap();
+        // The dead shim's socket: bound, then its listener gone.
+        let socket = dir.path().join("shim.sock");
+        drop(std::os::unix::net::UnixListener::bind(&socket).unwrap());
+        let address = format!("unix://{}", socket.display());
+        std::fs::write(bundle.join(ADDRESS_FILE), &address).unwrap();
 
         cleanup_from_bundle(&bundle).unwrap();
+        assert!(!socket.exists(), "the dead shim's socket is left");
         assert!(!pod_dir.exists(), "the pod's directory is left");
         assert!(!data_dir.exists(), "the pod's data directory is left");
         assert!(!upper.exists(), "the upper disk is left in the snapshot");
@@ -242,5 +271,11 @@ mod tests {
         assert!(!bundle.join(state::BUNDLE_FILE).exists());
         assert!(bundle.exists(), "the bundle is containerd's to remove");
         cleanup_from_bundle(&bundle).unwrap();
+
+        // A socket a live shim listens on stays.
+        let live = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+        cleanup_from_bundle(&bundle).unwrap();
+        assert!(socket.exists(), "a live shim's socket was removed");
+        drop(live);
     }
 }
