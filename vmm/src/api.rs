@@ -579,6 +579,49 @@ mod tests {
     }
 
     #[test]
+    fn store_requests_carry_their_bodies_and_a_missing_file_is_named() {
+        let body = br#"{"slot": 0, "path": "/u.img", "id": "store", "fd": true}"#;
+        let Ok(ApiRequest::BlockAppend { set, file: None }) =
+            route("PUT", "/api/v1/block.append", body)
+        else {
+            panic!("block.append routes to BlockAppend");
+        };
+        assert_eq!((set.slot, set.fd, set.read_only), (0, true, false));
+        // The descriptor it asks for did not come.
+        let e = with_file(
+            ApiRequest::BlockAppend {
+                set: set.clone(),
+                file: None,
+            },
+            &mut None,
+        )
+        .unwrap_err();
+        assert_eq!(e.0, 400);
+        assert!(e.1.starts_with("block.append for /u.img"), "{}", e.1);
+        // The one that came is taken.
+        let mut passed = Some(std::fs::File::open("/dev/null").unwrap());
+        let Ok(ApiRequest::BlockAppend { file: Some(_), .. }) =
+            with_file(ApiRequest::BlockAppend { set, file: None }, &mut passed)
+        else {
+            panic!("the passed file goes with the request");
+        };
+        assert!(passed.is_none());
+        assert_eq!(
+            route(
+                "PUT",
+                "/api/v1/block.remove",
+                br#"{"slot": 0, "start_sector": 2048}"#
+            ),
+            Ok(ApiRequest::BlockRemove(BlockRemove {
+                slot: 0,
+                start_sector: 2048
+            }))
+        );
+        let e = route("PUT", "/api/v1/block.remove", br#"{"slot": 0}"#).unwrap_err();
+        assert!(e.1.contains("start_sector"), "{}", e.1);
+    }
+
+    #[test]
     fn a_stale_socket_file_is_replaced_and_removed_on_drop() {
         let dir = std::env::temp_dir().join(format!("peapod-api-test-{}", std::process::id()));
         let path = dir.join("a/vmm.sock");
