@@ -34,8 +34,9 @@ const DEVICES: &[(&str, &str)] = &[("/dev/kvm", "dev/kvm"), ("/dev/net/tun", "de
 /// detects it; a jailed VMM cannot look in /sys, so its starter does).
 const PVM_MODULE: &str = "/sys/module/kvm_pvm";
 
-/// Open files: every queue has an ioeventfd and an irqfd, every slot a disk file; a
-/// VMM with 64 slots uses a few hundred.
+/// Open files: every queue has an ioeventfd and an irqfd, every disk of the pod's store
+/// a file (one per image and one per container's upper disk); a pod of a few
+/// containers uses a few dozen, so this bounds a pod at roughly a thousand disks.
 const MAX_OPEN_FILES: u64 = 1024;
 /// Address space beyond guest memory: the binary, thread stacks, glibc's per-thread
 /// malloc arenas (64 MiB of reservation each), device buffers. Measured: a booted
