@@ -478,10 +478,6 @@ fn check_serial(serial: &str) -> Result<()> {
     })
 }
 
-/// One look at the vd* disks, filling `found` for the serials it finds on a disk of at
-/// least the sectors asked for. Every disk is looked at each time: a store found for
-/// one region may still be too small for another. Returns what it could not read (a
-/// disk that vanished meanwhile is not that) and the serials seen on too small a disk.
 /// What one look at sysfs saw besides the disks it found.
 struct Scanned {
     /// vd* attributes that could not be read, with why.
@@ -490,6 +486,10 @@ struct Scanned {
     too_small: HashMap<String, (PathBuf, u64)>,
 }
 
+/// One look at the vd* disks, filling `found` for the serials it finds on a disk of at
+/// least the sectors asked for. Every disk is looked at each time: a store found for
+/// one region may still be too small for another. Returns what it could not read (a
+/// disk that vanished meanwhile is not that) and the serials seen on too small a disk.
 fn scan(
     sysfs_block: &Path,
     wanted: &[(&str, u64)],
@@ -833,16 +833,16 @@ impl ContainerRootfs {
         &self.base
     }
 
-    /// Unmounts the overlay, the upper layer and the layers, in that order (detaching
-    /// lazily what is still busy), then removes the directories [`mount`](Self::mount)
-    /// made; the container's directory only if empty. Tries every step whatever fails
-    /// (directories only once nothing is left mounted) and reports all failures;
-    /// called again, it retries only what failed, and once it succeeded it does nothing.
     /// Takes the mappings its disks are ([`map_regions`]), to release in teardown.
     pub fn hold(&mut self, mapped: Vec<Mapped>) {
         self.mapped.extend(mapped);
     }
 
+    /// Unmounts the overlay, the upper layer and the layers, in that order (detaching
+    /// lazily what is still busy), then removes the directories [`mount`](Self::mount)
+    /// made; the container's directory only if empty. Tries every step whatever fails
+    /// (directories only once nothing is left mounted) and reports all failures;
+    /// called again, it retries only what failed, and once it succeeded it does nothing.
     pub fn teardown(&mut self) -> Result<()> {
         let mut failures = Vec::new();
         let mut still_mounted = Vec::new();
