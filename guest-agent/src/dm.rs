@@ -14,13 +14,13 @@
 //! its bindings with bindgen at build time (a libclang on every build machine, for the
 //! static guest target too) to make the four ioctls below.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Mutex, MutexGuard};
 
 /// The control device devtmpfs makes for device-mapper.
 const CONTROL: &str = "/dev/mapper/control";
@@ -89,7 +89,7 @@ pub enum DmError {
 }
 
 /// A region of a block device: where it starts and how long it is, in 512-byte sectors.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Region {
     pub start_sector: u64,
     pub sectors: u64,
@@ -100,14 +100,12 @@ struct Mapping {
     refs: usize,
 }
 
-/// The guest's mappings of store regions, shared by reference count.
-fn mappings() -> &'static Mutex<HashMap<(u64, Region), Mapping>> {
-    static MAPPINGS: OnceLock<Mutex<HashMap<(u64, Region), Mapping>>> = OnceLock::new();
-    MAPPINGS.get_or_init(Default::default)
-}
+/// The guest's mappings of store regions, by device number and region, shared by
+/// reference count.
+static MAPPINGS: Mutex<BTreeMap<(u64, Region), Mapping>> = Mutex::new(BTreeMap::new());
 
-fn lock() -> std::sync::MutexGuard<'static, HashMap<(u64, Region), Mapping>> {
-    mappings().lock().unwrap_or_else(|e| e.into_inner())
+fn lock() -> MutexGuard<'static, BTreeMap<(u64, Region), Mapping>> {
+    MAPPINGS.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// A shared mapping of a region, held until [`release`]d.

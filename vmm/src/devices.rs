@@ -239,9 +239,9 @@ impl VirtioDevices {
         slot: usize,
         backing: BlockBacking,
     ) -> Result<BlockRegion, SlotError> {
-        let block = self.block_slot(slot)?;
+        let mut block = lock(self.block_slot(slot)?);
         let path = backing.path.clone();
-        let region = lock(block)
+        let region = block
             .append(backing)
             .map_err(|source| SlotError::Backing { slot, source })?;
         log::info!(
@@ -249,7 +249,7 @@ impl VirtioDevices {
             path.display(),
             region.start_sector,
             region.sectors,
-            lock(block).describe()
+            block.describe()
         );
         Ok(BlockRegion {
             start_sector: region.start_sector,

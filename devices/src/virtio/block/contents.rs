@@ -87,18 +87,19 @@ impl Contents {
             },
         };
         let within = sector - start;
-        match within.checked_add(sectors) {
-            Some(end) if end <= disk.sectors => {}
-            _ if matches!(self, Contents::Store(_)) && within >= disk.sectors => {
-                return Err(RequestError::NoRegion { sector })
-            }
-            _ => {
-                return Err(RequestError::OutOfRange {
+        if within
+            .checked_add(sectors)
+            .is_none_or(|end| end > disk.sectors)
+        {
+            return Err(match self {
+                // Past the file it follows: a gap, or the end of the store.
+                Contents::Store(_) if within >= disk.sectors => RequestError::NoRegion { sector },
+                _ => RequestError::OutOfRange {
                     sector,
                     len,
                     capacity: (start + disk.sectors) * SECTOR_SIZE,
-                })
-            }
+                },
+            });
         }
         // F_RO is fixed at negotiation, but a slot's backing changes later: the
         // device, not the guest, keeps a read-only file unwritten.
