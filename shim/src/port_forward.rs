@@ -378,7 +378,11 @@ mod tests {
             .filter_map(|e| {
                 let target = std::fs::read_link(e.ok()?.path()).ok()?;
                 let target = target.to_str()?;
-                target.strip_prefix("socket:[")?.strip_suffix(']')?.parse().ok()
+                target
+                    .strip_prefix("socket:[")?
+                    .strip_suffix(']')?
+                    .parse()
+                    .ok()
             })
             .collect()
     }
