@@ -11,6 +11,7 @@ pub mod handshake;
 pub mod init;
 pub mod log;
 pub mod network;
+pub mod oom_log;
 pub mod port_forward;
 pub mod process;
 pub mod sandbox;

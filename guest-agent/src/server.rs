@@ -12,7 +12,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use async_trait::async_trait;
 use peapod_agent_protocol::{self as proto, ttrpc, StdioHeader};
 use tokio::io::AsyncWriteExt;
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::Notify;
 use tokio_vsock::VsockStream;
 use ttrpc::r#async::TtrpcContext;
 
@@ -20,6 +20,7 @@ use crate::beneath::Beneath;
 use crate::cgroups::OomWatcher;
 use crate::container::{Container, ContainerError, CreateRequest};
 use crate::devices::DevicesError;
+use crate::oom_log::OomLog;
 use crate::process::Reaper;
 use crate::{handshake, lock, sandbox};
 
@@ -32,7 +33,7 @@ pub struct AgentService {
     containers: Mutex<HashMap<String, Arc<Container>>>,
     reaper: Arc<Reaper>,
     oom: Mutex<OomWatcher>,
-    oom_events: tokio::sync::Mutex<mpsc::UnboundedReceiver<String>>,
+    oom_kills: OomLog,
     /// Set by DestroySandbox; main powers the VM off once the reply is out.
     pub destroyed: Arc<Notify>,
     trace: Option<crate::trace::SyscallTrace>,
@@ -78,17 +79,16 @@ impl AgentService {
     pub fn start(trace: Option<crate::trace::SyscallTrace>) -> std::io::Result<Arc<Self>> {
         let reaper = Arc::new(Reaper::default());
         tokio::spawn(reaper.clone().run());
-        let (oom_tx, oom_rx) = mpsc::unbounded_channel();
         let watcher = OomWatcher::new().map_err(std::io::Error::other)?;
         let service = Arc::new(Self {
             containers: Mutex::new(HashMap::new()),
             reaper,
             oom: Mutex::new(watcher),
-            oom_events: tokio::sync::Mutex::new(oom_rx),
+            oom_kills: OomLog::default(),
             destroyed: Arc::new(Notify::new()),
             trace,
         });
-        tokio::spawn(service.clone().watch_oom(oom_tx));
+        tokio::spawn(service.clone().watch_oom());
         tokio::spawn(service.clone().serve_stdio());
         tokio::spawn(crate::port_forward::serve());
         Ok(service)
@@ -108,7 +108,7 @@ impl AgentService {
             .and_then(|c| c.init.pid())
     }
 
-    async fn watch_oom(self: Arc<Self>, events: mpsc::UnboundedSender<String>) {
+    async fn watch_oom(self: Arc<Self>) {
         let fd = {
             let watcher = lock(&self.oom);
             match watcher.as_fd().try_clone_to_owned() {
@@ -138,7 +138,7 @@ impl AgentService {
                 Ok(ids) => {
                     for id in ids {
                         log::info!("container {id}: OOM kill");
-                        let _ = events.send(id);
+                        self.oom_kills.push(id);
                     }
                 }
                 Err(e) => log::warn!("OOM watcher: {e}"),
@@ -570,17 +570,12 @@ impl proto::Agent for AgentService {
     async fn get_oom_event(
         &self,
         _ctx: &TtrpcContext,
-        _req: proto::GetOomEventRequest,
+        req: proto::GetOomEventRequest,
     ) -> RpcResult<proto::OomEvent> {
-        let id = self
-            .oom_events
-            .lock()
-            .await
-            .recv()
-            .await
-            .ok_or_else(|| status(ttrpc::Code::UNAVAILABLE, "the OOM watcher has stopped"))?;
+        let (seq, id) = self.oom_kills.next_after(req.after).await;
         Ok(proto::OomEvent {
             container_id: id,
+            seq,
             ..Default::default()
         })
     }

@@ -42,8 +42,8 @@ use std::time::{Duration, Instant};
 
 use peapod_agent_protocol::{
     rootfs, CopyFileRequest, CreateContainerRequest, CreateSandboxRequest, Disk,
-    ExecProcessRequest, MessageField, RemoveContainerRequest, Rootfs, SignalProcessRequest, Stdio,
-    StdioStream, WaitResponse, PROTOCOL,
+    ExecProcessRequest, GetOomEventRequest, MessageField, RemoveContainerRequest, Rootfs,
+    SignalProcessRequest, Stdio, StdioStream, WaitResponse, PROTOCOL,
 };
 use peapod_tests::agent::{
     attach, error_text, read_all_in_background, read_all_with_timeout, AgentConn, GuestLog,
@@ -630,6 +630,23 @@ fn the_agent_runs_containers_on_one_vm() {
     });
     let event = ok("GetOomEvent", conn.join(oom));
     assert_eq!(event.container_id, c3, "the OOM event: {event:?}");
+    // Asked again after the same number (a reply the host lost), it answers the same.
+    let after = event.seq - 1;
+    let again = ok(
+        "GetOomEvent again",
+        conn.call(|c, ctx| async move {
+            let req = GetOomEventRequest {
+                after,
+                ..Default::default()
+            };
+            c.get_oom_event(ctx, &req).await
+        }),
+    );
+    assert_eq!(
+        (&again.container_id, again.seq),
+        (&event.container_id, event.seq),
+        "the OOM event asked for again"
+    );
     remove(&conn, &c3);
 
     // (f) c4 works, fills 8 MiB of its /dev/shm (tmpfs memory is charged to its
