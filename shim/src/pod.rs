@@ -29,7 +29,7 @@ use containerd_shim_protos::ttrpc;
 use peapod_agent_protocol as agent_proto;
 use tokio::sync::{mpsc, Mutex};
 
-use crate::agent::{ctx, ctx_forever};
+use crate::agent::ctx;
 use crate::config::Config;
 use crate::error::{self, Result, ShimError};
 use crate::rootfs::{self, ImageLease, LayerCache, RootfsMount};
@@ -401,7 +401,7 @@ impl Pod {
         // Host files the spec binds: copied into the guest.
         let copies = volumes::plan(spec, id)?;
         for c in &copies {
-            volumes::copy_in(&vm.agent, id, c).await?;
+            volumes::copy_in(&vm.agent.client(), id, c).await?;
         }
         let areq = agent_proto::CreateContainerRequest {
             container_id: id.clone(),
@@ -412,6 +412,7 @@ impl Pod {
             ..Default::default()
         };
         vm.agent
+            .client()
             .create_container(self.agent_ctx(), &areq)
             .await
             .map_err(error::agent(format!("task {id}: CreateContainer")))?;
@@ -423,7 +424,11 @@ impl Pod {
                     container_id: id.clone(),
                     ..Default::default()
                 };
-                let _ = vm.agent.remove_container(self.agent_ctx(), &rreq).await;
+                let _ = vm
+                    .agent
+                    .client()
+                    .remove_container(self.agent_ctx(), &rreq)
+                    .await;
                 Err(ShimError::Stdio {
                     what: format!("task {id}"),
                     source,
@@ -485,7 +490,12 @@ impl Pod {
                 exec_id: exec_id.clone(),
                 ..Default::default()
             };
-            let waited = vm.agent.wait_process(ctx_forever(), &req).await;
+            let waited = vm
+                .long_poll(|c, ctx| {
+                    let req = req.clone();
+                    async move { c.wait_process(ctx, &req).await }
+                })
+                .await;
             io.lock().await.wait_output(OUTPUT_DRAIN).await;
             let result = match waited {
                 Ok(w) => Exit {
@@ -540,6 +550,7 @@ impl Pod {
             };
             return Ok(vm
                 .agent
+                .client()
                 .start_container(self.agent_ctx(), &req)
                 .await
                 .map_err(error::agent(format!("task {id}: StartContainer")))?
@@ -559,6 +570,7 @@ impl Pod {
         let what = format!("exec {exec_id} in task {id}");
         let pid = vm
             .agent
+            .client()
             .exec_process(self.agent_ctx(), &req)
             .await
             .map_err(error::agent(what.clone()))?
@@ -572,7 +584,11 @@ impl Pod {
                     signal: libc::SIGKILL as u32,
                     ..Default::default()
                 };
-                let _ = vm.agent.signal_process(self.agent_ctx(), &kill).await;
+                let _ = vm
+                    .agent
+                    .client()
+                    .signal_process(self.agent_ctx(), &kill)
+                    .await;
                 return Err(ShimError::Stdio { what, source });
             }
         }
@@ -590,7 +606,11 @@ impl Pod {
         let vm = self.vm(id).await?;
         let sandbox = self.with_process(id, "", |c, _| c.sandbox).await?;
         let bound = self.config.stop_timeout();
-        let answered = vm.agent.signal_process(ctx(bound * 2 / 3), req).await;
+        let answered = vm
+            .agent
+            .client()
+            .signal_process(ctx(bound * 2 / 3), req)
+            .await;
         let cause = match answered {
             Ok(_) => return Ok(()),
             // The agent answered: the signal's own error.
@@ -602,6 +622,7 @@ impl Pod {
         if !sandbox {
             let probe = vm
                 .agent
+                .client()
                 .health(ctx(bound / 3), &agent_proto::HealthRequest::new())
                 .await;
             if probe.is_ok() {
@@ -649,7 +670,12 @@ impl Pod {
                     exec_id: exec_id.into(),
                     ..Default::default()
                 };
-                if let Err(e) = vm.agent.delete_process(self.agent_ctx(), &req).await {
+                if let Err(e) = vm
+                    .agent
+                    .client()
+                    .delete_process(self.agent_ctx(), &req)
+                    .await
+                {
                     log::debug!("{}: DeleteProcess: {e}", process_name(id, exec_id));
                 }
             }
@@ -713,7 +739,12 @@ impl Pod {
                     container_id: id.into(),
                     ..Default::default()
                 };
-                if let Err(e) = vm.agent.remove_container(self.agent_ctx(), &req).await {
+                if let Err(e) = vm
+                    .agent
+                    .client()
+                    .remove_container(self.agent_ctx(), &req)
+                    .await
+                {
                     // The sandbox's Delete may end the VM under a removal still going.
                     if !vm.is_gone() {
                         log::warn!("task {id}: RemoveContainer: {e}");
@@ -779,9 +810,15 @@ impl Pod {
                 ..Default::default()
             };
             let r = if pause {
-                vm.agent.pause_container(self.agent_ctx(), &req).await
+                vm.agent
+                    .client()
+                    .pause_container(self.agent_ctx(), &req)
+                    .await
             } else {
-                vm.agent.resume_container(self.agent_ctx(), &req).await
+                vm.agent
+                    .client()
+                    .resume_container(self.agent_ctx(), &req)
+                    .await
             };
             r.map_err(error::agent(what))?;
         }

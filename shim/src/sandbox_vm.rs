@@ -16,10 +16,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use peapod_agent_protocol as agent_proto;
-use peapod_agent_protocol::AgentClient;
 use tokio::sync::{mpsc, watch, Mutex};
 
-use crate::agent::{self, ctx, ctx_forever};
+use crate::agent::{self, ctx, Agent, LONG_POLL};
 use crate::cgroup::VmmCgroup;
 use crate::config::Config;
 use crate::disk_store::DiskStore;
@@ -58,7 +57,7 @@ pub struct SandboxVm {
     pub data_dir: PathBuf,
     pub paths: VmPaths,
     pub api: VmmApi,
-    pub agent: AgentClient,
+    pub agent: Agent,
     network: Option<NetworkRecord>,
     /// `kubectl port-forward`'s listeners in the pod's network namespace, until the
     /// network is detached.
@@ -190,7 +189,7 @@ impl SandboxVm {
             api.wait_ready(API_READY)
                 .await
                 .map_err(|e| fail("the VMM API", &e))?;
-            agent::connect(&paths.vsock_socket, config.boot_timeout())
+            Agent::connect(&paths.vsock_socket, config.boot_timeout())
                 .await
                 .map_err(|e| fail("the guest agent", &e))
         };
@@ -234,6 +233,7 @@ impl SandboxVm {
         agent::forward_log(&paths.vsock_socket, sandbox_id);
         let req = sandbox_request(sandbox_id, spec, network.as_ref());
         agent
+            .client()
             .create_sandbox(ctx(config.agent_timeout()), &req)
             .await
             .map_err(error::agent(format!("pod {sandbox_id}: CreateSandbox")))?;
@@ -276,10 +276,21 @@ impl SandboxVm {
     fn spawn_oom_watch(self: &Arc<Self>, events: mpsc::Sender<VmEvent>) {
         let vm = self.clone();
         tokio::spawn(async move {
-            let req = agent_proto::GetOomEventRequest::new();
+            let mut after = 0;
             loop {
-                match vm.agent.get_oom_event(ctx_forever(), &req).await {
+                let req = agent_proto::GetOomEventRequest {
+                    after,
+                    ..Default::default()
+                };
+                let polled = vm
+                    .long_poll(|c, ctx| {
+                        let req = req.clone();
+                        async move { c.get_oom_event(ctx, &req).await }
+                    })
+                    .await;
+                match polled {
                     Ok(ev) => {
+                        after = ev.seq;
                         let oom = VmEvent::Oom {
                             container_id: ev.container_id,
                         };
@@ -287,15 +298,31 @@ impl SandboxVm {
                             return;
                         }
                     }
-                    Err(_) => {
+                    Err(e) => {
                         if vm.is_gone() {
                             return;
                         }
+                        log::warn!("the guest's OOM kills: {e}");
                         tokio::time::sleep(Duration::from_secs(1)).await;
                     }
                 }
             }
         });
+    }
+
+    /// [`Agent::long_poll`] with this VM's end: `call` is asked again every
+    /// [`LONG_POLL`] and on a new connection if its own broke, until the VM is gone.
+    pub async fn long_poll<T, F, Fut>(&self, call: F) -> peapod_agent_protocol::ttrpc::Result<T>
+    where
+        F: FnMut(
+            peapod_agent_protocol::AgentClient,
+            peapod_agent_protocol::ttrpc::context::Context,
+        ) -> Fut,
+        Fut: std::future::Future<Output = peapod_agent_protocol::ttrpc::Result<T>>,
+    {
+        self.agent
+            .long_poll(LONG_POLL, |grace| self.wait_gone(grace), call)
+            .await
     }
 
     /// Probes the guest every `interval` (Health, with `interval` as its deadline);
@@ -315,7 +342,7 @@ impl SandboxVm {
                 if vm.is_gone() {
                     return;
                 }
-                let cause = match vm.agent.health(ctx(interval), &req).await {
+                let cause = match vm.agent.client().health(ctx(interval), &req).await {
                     Ok(_) => {
                         if missed > 0 {
                             log::info!("pod {pod}: the guest answers again after {missed} missed health probes");

@@ -253,6 +253,7 @@ impl Task for Service {
             ..Default::default()
         };
         vm.agent
+            .client()
             .resize_tty(self.0.agent_ctx(), &areq)
             .await
             .map_err(error::agent(format!("task {}: ResizePty", req.id)))?;
@@ -299,6 +300,7 @@ impl Task for Service {
         };
         let pids = vm
             .agent
+            .client()
             .list_pids(self.0.agent_ctx(), &areq)
             .await
             .map_err(error::agent(format!("task {}: Pids", req.id)))?;
@@ -415,6 +417,7 @@ impl Task for Service {
             ..Default::default()
         };
         vm.agent
+            .client()
             .update_container(self.0.agent_ctx(), &areq)
             .await
             .map_err(error::agent(format!("task {}: Update", req.id)))?;
@@ -455,6 +458,7 @@ impl Task for Service {
         };
         let s = vm
             .agent
+            .client()
             .stats_container(self.0.agent_ctx(), &areq)
             .await
             .map_err(error::agent(format!("task {}: Stats", req.id)))?;
