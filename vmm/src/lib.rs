@@ -15,6 +15,7 @@ pub mod memory;
 pub mod mptable;
 pub mod platform;
 pub mod seccomp;
+pub mod snapshot;
 pub mod vcpu;
 pub mod vm;
 
