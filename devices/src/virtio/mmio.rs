@@ -8,11 +8,12 @@
 use std::sync::{Arc, Mutex};
 
 use virtio_bindings::virtio_mmio::*;
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::{Queue, QueueState, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::{status, Activation, Interrupt, VirtioDevice, TRANSPORT_FEATURES};
+use super::persist::{QueueSnapshot, RestoreError, TransportSnapshot};
+use super::{status, ActivateError, Activation, Interrupt, VirtioDevice, TRANSPORT_FEATURES};
 use crate::{lock, BusDevice};
 
 /// The MMIO window of one device: registers, then configuration space.
@@ -91,6 +92,105 @@ impl MmioTransport {
             s |= status::DEVICE_NEEDS_RESET;
         }
         s
+    }
+
+    /// The transport's state and where the device is in its queues, for a snapshot;
+    /// the vCPUs are paused and the event loop is not running the device.
+    pub fn save(&self) -> TransportSnapshot {
+        let device = lock(&self.device);
+        TransportSnapshot {
+            device_type: device.device_type(),
+            device_features_select: self.device_features_select,
+            driver_features_select: self.driver_features_select,
+            driver_features: self.driver_features,
+            queue_select: self.queue_select,
+            status: self.status,
+            broken: self.broken,
+            interrupt_status: self.interrupt.status(),
+            config_generation: self.interrupt.config_generation(),
+            needs_reset: self.interrupt.needs_reset(),
+            queues: self.queues.iter().map(|q| q.state().into()).collect(),
+            active_queues: device
+                .queue_states()
+                .map(|queues| queues.into_iter().map(Into::into).collect()),
+        }
+    }
+
+    /// Sets a snapshot's state into this transport, new and of the same device type;
+    /// a device that was running is started again where it was in its queues.
+    pub fn restore(&mut self, saved: &TransportSnapshot) -> Result<(), RestoreError> {
+        let here = lock(&self.device).device_type();
+        if saved.device_type != here {
+            return Err(RestoreError::DeviceType {
+                saved: saved.device_type,
+                here,
+            });
+        }
+        if self.status != 0 || lock(&self.device).is_activated() {
+            return Err(RestoreError::InUse);
+        }
+        let queues = self.queues_of(&saved.queues)?;
+        let active = match &saved.active_queues {
+            Some(active) => Some(self.queues_of(active)?),
+            None => None,
+        };
+        self.queues = queues;
+        self.device_features_select = saved.device_features_select;
+        self.driver_features_select = saved.driver_features_select;
+        self.driver_features = saved.driver_features;
+        self.queue_select = saved.queue_select;
+        self.status = saved.status;
+        self.broken = saved.broken;
+        if let Some(queues) = active {
+            for (index, q) in queues.iter().enumerate() {
+                if !q.is_valid(&self.memory) {
+                    return Err(RestoreError::QueueOutsideMemory { index });
+                }
+            }
+            let kicks = self
+                .kicks
+                .iter()
+                .map(EventFd::try_clone)
+                .collect::<std::io::Result<Vec<_>>>()
+                .map_err(|e| RestoreError::Activate(ActivateError::Wake(e)))?;
+            lock(&self.device).activate(Activation {
+                memory: self.memory.clone(),
+                features: self.driver_features,
+                queues,
+                kicks,
+            })?;
+        }
+        self.interrupt.restore(
+            saved.interrupt_status,
+            saved.config_generation,
+            saved.needs_reset,
+        );
+        Ok(())
+    }
+
+    /// A snapshot's queues as queues of this device.
+    fn queues_of(&self, saved: &[QueueSnapshot]) -> Result<Vec<Queue>, RestoreError> {
+        if saved.len() != self.queues.len() {
+            return Err(RestoreError::QueueCount {
+                saved: saved.len(),
+                here: self.queues.len(),
+            });
+        }
+        saved
+            .iter()
+            .zip(&self.queues)
+            .enumerate()
+            .map(|(index, (s, mine))| {
+                if s.max_size != mine.max_size() {
+                    return Err(RestoreError::Queue {
+                        index,
+                        source: virtio_queue::Error::InvalidMaxSize,
+                    });
+                }
+                Queue::try_from(QueueState::from(s))
+                    .map_err(|source| RestoreError::Queue { index, source })
+            })
+            .collect()
     }
 
     fn offered_features(&self) -> u64 {
@@ -415,6 +515,66 @@ mod tests {
         assert_eq!(reg(&mut t, VIRTIO_MMIO_INTERRUPT_STATUS), 1);
         set(&mut t, VIRTIO_MMIO_INTERRUPT_ACK, 1);
         assert_eq!(reg(&mut t, VIRTIO_MMIO_INTERRUPT_STATUS), 0);
+    }
+
+    #[test]
+    fn a_restored_transport_goes_on_in_its_queue_and_a_wrong_one_is_refused() {
+        let (mut t, rng, memory) = transport();
+        let q = TestQueue::new(&memory, 0x4000, 16);
+        negotiate(&mut t, TRANSPORT_FEATURES);
+        program_queue(&mut t, &q, 16);
+        set(&mut t, VIRTIO_MMIO_STATUS, 0xf);
+        for _ in 0..2 {
+            q.add_chain(&[test_utils::writable(test_utils::DATA_START, 8)]);
+        }
+        rng.lock().unwrap().process_queue();
+        assert_eq!(q.used_idx(), 2);
+        let saved = t.save();
+        assert_eq!(saved.status, 0xf);
+        assert_eq!(
+            saved.interrupt_status, 1,
+            "the guest has not acknowledged it"
+        );
+        let active = saved.active_queues.as_ref().expect("the device runs");
+        assert_eq!((active[0].next_avail, active[0].next_used), (2, 2));
+
+        // A new device on the same memory, as after a restore.
+        let rng2 = Arc::new(Mutex::new(Rng::new(test_utils::interrupt()).unwrap()));
+        let mut t2 = MmioTransport::new(memory.clone(), rng2.clone()).unwrap();
+        t2.restore(&saved).unwrap();
+        assert!(rng2.lock().unwrap().is_activated());
+        assert_eq!(reg(&mut t2, VIRTIO_MMIO_STATUS), 0xf);
+        assert_eq!(reg(&mut t2, VIRTIO_MMIO_INTERRUPT_STATUS), 1);
+        assert!(
+            test_utils::interrupted(rng2.lock().unwrap().interrupt()),
+            "the pending interrupt is raised again"
+        );
+        let head = q.add_chain(&[test_utils::writable(test_utils::DATA_START, 4)]);
+        rng2.lock().unwrap().process_queue();
+        assert_eq!(q.used_idx(), 3, "the used ring goes on from 2");
+        assert_eq!(q.used(2), (u32::from(head), 4));
+        assert_eq!(t2.save().active_queues.unwrap()[0].next_avail, 3);
+
+        let e = t2.restore(&saved).unwrap_err();
+        assert!(matches!(e, RestoreError::InUse), "{e}");
+        let mut other = saved.clone();
+        other.device_type = crate::virtio::TYPE_BLOCK;
+        let e = transport().0.restore(&other).unwrap_err();
+        assert!(matches!(e, RestoreError::DeviceType { .. }), "{e}");
+        let mut other = saved.clone();
+        other.queues.push(other.queues[0]);
+        let e = transport().0.restore(&other).unwrap_err();
+        assert!(
+            matches!(e, RestoreError::QueueCount { saved: 2, here: 1 }),
+            "{e}"
+        );
+        let mut other = saved.clone();
+        other.active_queues.as_mut().unwrap()[0].desc_table = test_utils::MEM_SIZE as u64;
+        let e = transport().0.restore(&other).unwrap_err();
+        assert!(
+            matches!(e, RestoreError::QueueOutsideMemory { index: 0 }),
+            "{e}"
+        );
     }
 
     #[test]

@@ -17,6 +17,7 @@ pub mod block;
 pub mod fuzzing;
 pub mod mmio;
 pub mod net;
+pub mod persist;
 pub mod rng;
 pub mod single_queue;
 /// The synthetic driver, for unit tests and the device benchmark.
@@ -76,6 +77,9 @@ pub trait VirtioDevice: Send {
     /// kicks and wakes its event handler; it must not do queue work on this thread.
     fn activate(&mut self, activation: Activation) -> Result<(), ActivateError>;
     fn is_activated(&self) -> bool;
+    /// Where the running device is in each of its queues, in queue order, for a
+    /// snapshot taken while the event loop does not run it; `None` before activation.
+    fn queue_states(&self) -> Option<Vec<virtio_queue::QueueState>>;
     /// The driver wrote 0 to the status register: drop queues and return to the state
     /// before activation. Returns false if the device cannot, and then the transport
     /// reports DEVICE_NEEDS_RESET until the VM is restarted.
@@ -159,6 +163,18 @@ impl Interrupt {
 
     pub(crate) fn ack(&self, bits: u32) {
         self.status.fetch_and(!bits, Ordering::SeqCst);
+    }
+
+    /// Takes a snapshot's interrupt state; raises the interrupt again if one was
+    /// pending, since the guest may not have seen it.
+    pub(crate) fn restore(&self, status: u32, config_generation: u32, needs_reset: bool) {
+        self.config_generation
+            .store(config_generation, Ordering::SeqCst);
+        self.needs_reset.store(needs_reset, Ordering::SeqCst);
+        self.status.store(0, Ordering::SeqCst);
+        if status != 0 {
+            self.raise(status);
+        }
     }
 
     pub(crate) fn clear(&self) {

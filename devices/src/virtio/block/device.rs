@@ -172,6 +172,10 @@ impl VirtioDevice for Block {
         Ok(())
     }
 
+    fn queue_states(&self) -> Option<Vec<virtio_queue::QueueState>> {
+        self.active.as_ref().map(|a| vec![a.queue.state()])
+    }
+
     fn is_activated(&self) -> bool {
         self.active.is_some()
     }

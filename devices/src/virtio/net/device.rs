@@ -526,6 +526,12 @@ impl VirtioDevice for Net {
         self.activate_evt.write(1).map_err(ActivateError::Wake)
     }
 
+    fn queue_states(&self) -> Option<Vec<virtio_queue::QueueState>> {
+        self.active
+            .as_ref()
+            .map(|a| vec![a.rx.state(), a.tx.state()])
+    }
+
     fn is_activated(&self) -> bool {
         self.active.is_some()
     }

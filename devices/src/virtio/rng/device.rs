@@ -112,6 +112,10 @@ impl VirtioDevice for Rng {
         Ok(())
     }
 
+    fn queue_states(&self) -> Option<Vec<virtio_queue::QueueState>> {
+        self.active.as_ref().map(|a| vec![a.queue.state()])
+    }
+
     fn is_activated(&self) -> bool {
         self.active.is_some()
     }

@@ -280,6 +280,12 @@ impl<B: VsockBackend> VirtioDevice for Vsock<B> {
         self.activate_evt.write(1).map_err(ActivateError::Wake)
     }
 
+    fn queue_states(&self) -> Option<Vec<virtio_queue::QueueState>> {
+        self.active
+            .as_ref()
+            .map(|a| a.queues.iter().map(|q| q.state()).collect())
+    }
+
     fn is_activated(&self) -> bool {
         self.active.is_some()
     }
