@@ -3,13 +3,14 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
-use vm_memory::GuestMemoryMmap;
+use vm_memory::{Bytes, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::packet::{self, PacketHeader, HDR_SIZE};
 use super::{VsockBackend, VsockError, VsockMuxer};
 use super::{
-    MAX_GUEST_CID, MAX_PKT_PAYLOAD, MIN_GUEST_CID, NUM_QUEUES, QUEUE_SIZE, RX_QUEUE, TX_QUEUE,
+    EVENT_QUEUE, MAX_GUEST_CID, MAX_PKT_PAYLOAD, MIN_GUEST_CID, NUM_QUEUES, QUEUE_SIZE, RX_QUEUE,
+    TX_QUEUE,
 };
 use crate::virtio::{
     check_chain, serve_queue, ActivateError, Activation, Interrupt, VirtioDevice, TYPE_VSOCK,
@@ -18,6 +19,9 @@ use crate::virtio::{
 /// Resets for refused TX packets waiting for RX buffers; past this, more are dropped
 /// (a guest that floods bad packets and reads nothing only loses its own resets).
 const MAX_PENDING_REPLIES: usize = 256;
+
+/// `struct virtio_vsock_event`'s id for a transport reset (virtio 1.2, 5.10.6.7).
+const EVENT_TRANSPORT_RESET: u32 = 0;
 
 pub(super) struct Active {
     pub memory: GuestMemoryMmap,
@@ -87,6 +91,40 @@ impl<B: VsockBackend> Vsock<B> {
 
     pub fn backend(&self) -> &B {
         &self.backend
+    }
+
+    /// Tells the guest that every connection it had is gone
+    /// (VIRTIO_VSOCK_EVENT_TRANSPORT_RESET), as after a restore, whose host side
+    /// starts with none: the guest resets its sockets and reads its CID again. False
+    /// if the device is not running or the driver left no event buffer (Linux keeps
+    /// its event queue full).
+    pub fn reset_transport(&mut self) -> bool {
+        let Some(active) = self.active.as_mut() else {
+            return false;
+        };
+        let memory = &active.memory;
+        let queue = &mut active.queues[EVENT_QUEUE];
+        let Some(chain) = queue.pop_descriptor_chain(memory) else {
+            return false;
+        };
+        let head = chain.head_index();
+        let event = EVENT_TRANSPORT_RESET.to_le_bytes();
+        let written = match check_chain(&chain) {
+            Ok(size) if size.writable as usize >= event.len() => chain
+                .clone()
+                .find(|d| d.is_write_only() && d.len() as usize >= event.len())
+                .and_then(|d| memory.write_slice(&event, d.addr()).ok())
+                .map_or(0, |()| event.len() as u32),
+            _ => 0,
+        };
+        if written == 0 {
+            log::warn!("vsock: the driver's event buffer cannot hold the transport reset");
+        }
+        let used = queue.add_used(memory, head, written);
+        if used.is_ok() && queue.needs_notification(memory).unwrap_or(true) {
+            self.interrupt.signal_used_queue();
+        }
+        used.is_ok() && written > 0
     }
 
     /// Hands every packet the guest transmitted to the backend, then delivers what that

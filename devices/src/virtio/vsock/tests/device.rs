@@ -319,3 +319,33 @@ fn scribbled_rings_stop_the_device() {
     assert!(r.dev.interrupt().needs_reset());
     assert_eq!(r.rx.used_idx(), 0);
 }
+
+#[test]
+fn a_transport_reset_is_an_event_the_guest_gets() {
+    let memory = memory();
+    let inactive = Vsock::with_backend(CID, backend(), interrupt());
+    assert!(
+        !inactive.unwrap().reset_transport(),
+        "not running: nothing sent"
+    );
+
+    let mut rig = rig(&memory);
+    assert!(!rig.dev.reset_transport(), "no event buffer yet");
+    fill(&memory, EV_BASE, &[0xff; 8]);
+    let head = rig.ev.add_chain(&[writable(EV_BASE, 8)]);
+    let _ = rig.dev.interrupt().irqfd().read();
+    assert!(rig.dev.reset_transport());
+    assert_eq!(rig.ev.used(0), (u32::from(head), 4));
+    assert_eq!(
+        read(&memory, EV_BASE, 4),
+        [0; 4],
+        "VIRTIO_VSOCK_EVENT_TRANSPORT_RESET"
+    );
+    assert!(interrupted(rig.dev.interrupt()));
+    assert!(!rig.dev.reset_transport(), "its one buffer is used");
+
+    // A buffer too small for the event comes back empty.
+    let head = rig.ev.add_chain(&[writable(EV_BASE, 2)]);
+    assert!(!rig.dev.reset_transport());
+    assert_eq!(rig.ev.used(1), (u32::from(head), 0));
+}
