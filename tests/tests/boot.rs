@@ -1,9 +1,11 @@
 //! Boots the real guest kernel and initramfs under KVM.
 
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use peapod_vmm_api::{paths, Method, VmState};
 
+use peapod_tests::agent::AgentConn;
 use peapod_tests::{
     guest_kernel_release, host_kernel_release, ready_release, VmmProcess, BOOT_TIMEOUT,
     POWEROFF_AFTER_READY, READY_PREFIX,
@@ -185,4 +187,129 @@ fn shutdown_and_sigterm_while_paused_stop_the_vmm() {
         assert!(status.success(), "{stop}: {status}\n{}", vm.stderr());
         assert!(!vm.api_socket.exists(), "{stop}: socket left behind");
     }
+}
+
+/// Connects to the agent of `vm` through `uds`, failing early if the VMM dies.
+fn agent_of(vm: &mut VmmProcess, uds: &Path) -> AgentConn {
+    let deadline = Instant::now() + BOOT_TIMEOUT;
+    loop {
+        match AgentConn::connect(uds, Duration::from_secs(5)) {
+            Ok(conn) => return conn,
+            Err(e) => {
+                if let Some(status) = vm.try_wait() {
+                    panic!(
+                        "the VMM exited ({status}) before the agent answered: {e}\n{}",
+                        vm.stderr()
+                    );
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "the agent did not answer in {BOOT_TIMEOUT:?}: {e}"
+                );
+            }
+        }
+    }
+}
+
+fn vsock_args(uds: &Path) -> String {
+    format!("cid=3,socket={}", uds.display())
+}
+
+#[test]
+fn a_snapshot_of_a_ready_guest_restores_and_its_agent_answers() {
+    const MEMORY: &str = "256";
+    let files = tempfile::tempdir().unwrap();
+    let (uds, uds2) = (files.path().join("a.sock"), files.path().join("b.sock"));
+    let snapshot = files.path().join("snapshot");
+    std::fs::create_dir(&snapshot).unwrap();
+
+    // A guest booted to its agent, with a connection open (as the shim has one).
+    let booted_at = Instant::now();
+    let vsock = vsock_args(&uds);
+    let mut vm = VmmProcess::start(&["--memory", MEMORY, "--block-slots", "1", "--vsock", &vsock]);
+    let conn = agent_of(&mut vm, &uds);
+    let boot_time = booted_at.elapsed();
+    let uptime = conn.health().expect("Health").uptime_seconds;
+    let api = vm.api();
+    assert_eq!(
+        api.snapshot(&snapshot).unwrap_err().status(),
+        Some(409),
+        "a running VM is not snapshotted"
+    );
+    api.pause().unwrap();
+    let started = Instant::now();
+    api.snapshot(&snapshot)
+        .unwrap_or_else(|e| panic!("vm.snapshot: {e}\n{}", vm.stderr()));
+    let snapshot_time = started.elapsed();
+    api.shutdown().unwrap();
+    assert!(vm.wait_exit(Duration::from_secs(10)).success());
+    drop(conn);
+
+    let memory = std::fs::metadata(snapshot.join("memory")).unwrap();
+    assert_eq!(memory.len(), 256 << 20);
+    let (allocated, _) = peapod_tests::allocated_bytes(&snapshot);
+    assert!(
+        allocated < memory.len(),
+        "pages of zeros are holes: {allocated} bytes allocated"
+    );
+
+    // A new VMM from the snapshot: the agent answers on a new connection, the guest's
+    // clock goes on from the snapshot, and the restored VMM can be paused and stopped.
+    let started = Instant::now();
+    let vsock = vsock_args(&uds2);
+    let snapshot_arg = snapshot.display().to_string();
+    let mut restored = VmmProcess::start(&[
+        "--memory",
+        MEMORY,
+        "--block-slots",
+        "1",
+        "--vsock",
+        &vsock,
+        "--restore",
+        &snapshot_arg,
+    ]);
+    let conn = agent_of(&mut restored, &uds2);
+    let restore_time = started.elapsed();
+    let health = conn.health().expect("Health after the restore");
+    assert!(
+        health.uptime_seconds >= uptime,
+        "the guest's clock went back: {} < {uptime}",
+        health.uptime_seconds
+    );
+    assert!(conn.version().is_ok());
+    let api = restored.api();
+    assert_eq!(api.info().unwrap().state, VmState::Running);
+    eprintln!(
+        "figures: boot to agent {:.1} s; snapshot {} ms ({} MiB of 256 written); \
+         restore to agent {:.2} s ({:.0}x faster)",
+        boot_time.as_secs_f64(),
+        snapshot_time.as_millis(),
+        allocated >> 20,
+        restore_time.as_secs_f64(),
+        boot_time.as_secs_f64() / restore_time.as_secs_f64()
+    );
+    api.shutdown().unwrap();
+    assert!(restored.wait_exit(Duration::from_secs(10)).success());
+
+    // A damaged snapshot is refused by name, before anything runs.
+    let state = snapshot.join("vm.state");
+    let mut bytes = std::fs::read(&state).unwrap();
+    let last = bytes.len() - 2;
+    bytes[last] ^= 1;
+    std::fs::write(&state, bytes).unwrap();
+    let mut refused = VmmProcess::start(&[
+        "--memory",
+        MEMORY,
+        "--vsock",
+        &vsock,
+        "--restore",
+        &snapshot_arg,
+    ]);
+    let status = refused.wait_exit(Duration::from_secs(10));
+    let log = refused.stderr();
+    assert_eq!(status.code(), Some(1), "{log}");
+    assert!(
+        log.contains("vm.state") && log.contains("checksum"),
+        "the error names the file and the cause: {log}"
+    );
 }

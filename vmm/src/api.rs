@@ -17,7 +17,9 @@ use std::time::Duration;
 
 use peapod_devices::virtio::block::PassedFile;
 use peapod_vmm_api::{paths, Endpoint, ErrorBody};
-pub use peapod_vmm_api::{BlockClear, BlockRegion, BlockRemove, BlockSet, VmInfo, VmState};
+pub use peapod_vmm_api::{
+    BlockClear, BlockRegion, BlockRemove, BlockSet, SnapshotCreate, VmInfo, VmState,
+};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
@@ -36,6 +38,7 @@ pub enum ApiRequest {
     Pause,
     Resume,
     Shutdown,
+    Snapshot(SnapshotCreate),
     /// `file`: the open file `set.fd` asked for, once the API thread has matched the
     /// descriptor that came with the request to it.
     BlockSet {
@@ -278,6 +281,9 @@ fn route(method: &str, path: &str, body: &[u8]) -> Result<ApiRequest, HttpError>
         Endpoint::VmPause => ApiRequest::Pause,
         Endpoint::VmResume => ApiRequest::Resume,
         Endpoint::VmShutdown => ApiRequest::Shutdown,
+        Endpoint::VmSnapshot => ApiRequest::Snapshot(
+            serde_json::from_slice(body).map_err(json(SnapshotCreate::EXAMPLE))?,
+        ),
         Endpoint::BlockSet => ApiRequest::BlockSet {
             set: serde_json::from_slice(body).map_err(json(BlockSet::EXAMPLE))?,
             file: None,

@@ -325,6 +325,9 @@ pub struct VmConfig {
     pub vsock: Option<VsockConfig>,
     /// Each thread's seccomp filter (`crate::seccomp`); off only to debug the VMM.
     pub seccomp: bool,
+    /// A snapshot's directory (`vm.snapshot`) to start from instead of booting
+    /// `kernel` and `initrd`; the devices and VM size must be the snapshot VM's.
+    pub restore: Option<PathBuf>,
 }
 
 impl Default for VmConfig {
@@ -343,6 +346,7 @@ impl Default for VmConfig {
             net: None,
             vsock: None,
             seccomp: true,
+            restore: None,
         }
     }
 }

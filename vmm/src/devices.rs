@@ -11,6 +11,7 @@ use event_manager::MutEventSubscriber;
 use kvm_ioctls::{IoEventAddress, VmFd};
 use peapod_devices::virtio::block::{Block, BlockBacking, BlockError, PassedFile};
 use peapod_devices::virtio::net::{Net, Tap, TapError};
+use peapod_devices::virtio::persist::TransportSnapshot;
 use peapod_devices::virtio::rng::Rng;
 use peapod_devices::virtio::vsock::Vsock;
 use peapod_devices::virtio::{
@@ -71,6 +72,8 @@ pub struct VirtioDevices {
     attached: Vec<Attached>,
     /// Block devices in slot order (boot disks, then empty slots).
     block: Vec<Arc<Mutex<Block>>>,
+    /// Told of a restore: its host side starts with no connections.
+    vsock: Option<Arc<Mutex<Vsock>>>,
     subscribers: Vec<Arc<Mutex<dyn MutEventSubscriber + Send>>>,
     cmdline: Vec<String>,
 }
@@ -86,6 +89,7 @@ impl VirtioDevices {
         let mut devices = Self {
             attached: Vec::new(),
             block: Vec::new(),
+            vsock: None,
             subscribers: Vec::new(),
             cmdline: Vec::new(),
         };
@@ -122,9 +126,10 @@ impl VirtioDevices {
         }
         if let Some(v) = &config.vsock {
             let name = format!("virtio-vsock cid {} on {}", v.cid, v.socket.display());
-            devices.attach(vm, memory, bus, DeviceKind::Vsock, name, |interrupt| {
+            let vsock = devices.attach(vm, memory, bus, DeviceKind::Vsock, name, |interrupt| {
                 Vsock::new(v.cid, v.socket.clone(), interrupt).map_err(|e| e.to_string())
             })?;
+            devices.vsock = Some(vsock);
         }
         devices.attach(
             vm,
@@ -210,6 +215,60 @@ impl VirtioDevices {
             transport,
         });
         Ok(device)
+    }
+
+    /// Every device's transport and queues, for a snapshot of the paused VM. Disks
+    /// are not in a snapshot: every block slot must be empty.
+    pub fn save(&self) -> Result<Vec<TransportSnapshot>, DeviceError> {
+        for (slot, block) in self.block.iter().enumerate() {
+            let block = lock(block);
+            if block.capacity_sectors() > 0 || block.backing().is_some() {
+                return Err(DeviceError::Setup {
+                    device: format!("block slot {slot}"),
+                    message: format!(
+                        "it holds {}: a snapshot is of a VM whose block slots are empty \
+                         (a restored VM gets its disks through the API)",
+                        block.describe()
+                    ),
+                });
+            }
+        }
+        Ok(self
+            .attached
+            .iter()
+            .map(|a| lock(&a.transport).save())
+            .collect())
+    }
+
+    /// Takes a snapshot's device states, in the order [`VirtioDevices::save`] gave
+    /// them, into these new devices built from the same configuration; then tells
+    /// the guest that its vsock connections are gone.
+    pub fn restore(&mut self, saved: &[TransportSnapshot]) -> Result<(), DeviceError> {
+        if saved.len() != self.attached.len() {
+            return Err(DeviceError::Setup {
+                device: "virtio devices".into(),
+                message: format!(
+                    "the snapshot has {} devices, this VM's configuration {}: give the \
+                     restored VMM the devices the snapshot's VM had",
+                    saved.len(),
+                    self.attached.len()
+                ),
+            });
+        }
+        for (i, (attached, state)) in self.attached.iter().zip(saved).enumerate() {
+            lock(&attached.transport)
+                .restore(state)
+                .map_err(|e| DeviceError::Setup {
+                    device: format!("virtio device {i} ({:?})", attached.kind),
+                    message: e.to_string(),
+                })?;
+        }
+        if let Some(vsock) = &self.vsock {
+            if lock(vsock).is_activated() && !lock(vsock).reset_transport() {
+                log::warn!("virtio-vsock: the guest left no event buffer for the transport reset");
+            }
+        }
+        Ok(())
     }
 
     /// `virtio_mmio.device=4K@<base>:<irq>` for each device, in order.

@@ -1,6 +1,6 @@
 //! `peapod-vmm --kernel vmlinux --initrd initramfs.cpio [--console stdout]
 //!   [--block path=disk.img,id=data] [--block-slots 4] [--net tap=tap0] [--vsock cid=3,socket=v.sock]
-//!   [--no-seccomp]`
+//!   [--restore snapshot-dir] [--no-seccomp]`
 //!
 //! Exit codes: 0 the guest or an operator stopped the VM; 1 the VM could not be
 //! built (the message says why and what to do); 2 a command-line mistake; 3 the guest
@@ -58,6 +58,10 @@ struct Cli {
     /// Hybrid vsock: `cid=<n>,socket=<path>` (host side is a unix socket)
     #[arg(long)]
     vsock: Option<VsockConfig>,
+    /// Start from the snapshot in this directory (written by the API's vm.snapshot)
+    /// instead of booting; give the snapshot VM's size and devices
+    #[arg(long)]
+    restore: Option<PathBuf>,
     /// Run without the seccomp filters, to debug a VMM that a filter kills (SIGSYS):
     /// never in production, a guest that took over a VMM thread would then have every
     /// system call of the VMM's user
@@ -100,6 +104,9 @@ impl Cli {
         }
         if self.vsock.is_some() {
             c.vsock = self.vsock;
+        }
+        if self.restore.is_some() {
+            c.restore = self.restore;
         }
         if self.no_seccomp {
             c.seccomp = false;

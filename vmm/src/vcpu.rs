@@ -11,7 +11,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use kvm_bindings::kvm_run;
+use kvm_bindings::{kvm_run, CpuId};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use peapod_devices::Bus;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
@@ -19,6 +19,8 @@ use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 
 use crate::exit::{ExitReason, ExitSignal};
 use crate::seccomp::{Seccomp, ThreadClass};
+use crate::snapshot::kvm_state::KvmStateError;
+use crate::snapshot::VcpuState;
 
 /// SIGRTMIN + 0 kicks a vCPU thread out of KVM_RUN.
 fn kick_signal() -> i32 {
@@ -57,6 +59,9 @@ struct ControlState {
     target: Target,
     /// vCPU threads currently parked because of a pause.
     parked: usize,
+    /// A snapshot asked of the parked threads: each reads its vCPU's state (only its
+    /// thread holds the fd) into its slot.
+    saving: Option<Vec<Option<Result<VcpuState, KvmStateError>>>>,
 }
 
 /// Shared between the VMM and its vCPU threads.
@@ -70,13 +75,26 @@ impl VcpuControl {
         peapod_devices::lock(&self.state)
     }
 
-    /// Blocks while paused. Returns false when the thread should stop.
-    fn wait_until_runnable(&self) -> bool {
+    /// Blocks while paused, reading vCPU `id`'s state with `save` when a snapshot
+    /// asks for it. Returns false when the thread should stop.
+    fn wait_until_runnable(
+        &self,
+        id: u8,
+        save: impl Fn() -> Result<VcpuState, KvmStateError>,
+    ) -> bool {
         let mut state = self.lock();
         if state.target == Target::Pause {
             state.parked += 1;
             self.changed.notify_all();
             while state.target == Target::Pause {
+                let slot = state
+                    .saving
+                    .as_mut()
+                    .and_then(|slots| slots.get_mut(usize::from(id)));
+                if let Some(slot @ None) = slot {
+                    *slot = Some(save());
+                    self.changed.notify_all();
+                }
                 state = self
                     .changed
                     .wait(state)
@@ -94,6 +112,12 @@ pub enum VcpuError {
     PauseTimeout(Duration),
     #[error("cannot start vCPU thread {0}: {1}")]
     Spawn(u8, std::io::Error),
+    #[error("the VM is not paused: a snapshot is taken of a paused VM")]
+    NotPaused,
+    #[error("vCPU threads did not save their state within {0:?} (a vCPU has stopped?)")]
+    SaveTimeout(Duration),
+    #[error(transparent)]
+    Save(#[from] KvmStateError),
 }
 
 /// The running vCPUs of a VM.
@@ -102,23 +126,36 @@ pub struct Vcpus {
     threads: Vec<JoinHandle<()>>,
 }
 
-/// Everything a vCPU thread needs besides its own fd.
+/// Everything a vCPU thread needs besides its own fd and CPUID.
 #[derive(Clone)]
 pub struct VcpuContext {
     pub pio: Arc<Bus>,
     pub mmio: Arc<Bus>,
     pub memory: GuestMemoryMmap,
     pub exit: Arc<ExitSignal>,
+    /// The MSRs a snapshot saves (KVM_GET_MSR_INDEX_LIST).
+    pub msr_indices: Arc<[u32]>,
+}
+
+/// A vCPU ready to run: its fd and the CPUID the VMM gave it.
+pub struct ReadyVcpu {
+    pub fd: VcpuFd,
+    pub cpuid: CpuId,
 }
 
 impl Vcpus {
     /// Starts one thread per vCPU, each under its seccomp filter, held before its first
     /// KVM_RUN until [`Vcpus::resume`].
-    pub fn start(fds: Vec<VcpuFd>, ctx: VcpuContext, seccomp: Seccomp) -> Result<Self, VcpuError> {
+    pub fn start(
+        ready: Vec<ReadyVcpu>,
+        ctx: VcpuContext,
+        seccomp: Seccomp,
+    ) -> Result<Self, VcpuError> {
         let control = Arc::new(VcpuControl {
             state: Mutex::new(ControlState {
                 target: Target::Pause,
                 parked: 0,
+                saving: None,
             }),
             changed: Condvar::new(),
         });
@@ -126,13 +163,13 @@ impl Vcpus {
             control,
             threads: Vec::new(),
         };
-        for (id, fd) in fds.into_iter().enumerate() {
+        for (id, vcpu) in ready.into_iter().enumerate() {
             let id = id as u8;
             let control = vcpus.control.clone();
             let ctx = ctx.clone();
             let thread = seccomp
                 .spawn(format!("vcpu{id}"), ThreadClass::Vcpu, move || {
-                    run_vcpu(id, fd, &control, &ctx)
+                    run_vcpu(id, vcpu, &control, &ctx)
                 })
                 .map_err(|e| VcpuError::Spawn(id, e))?;
             vcpus.threads.push(thread);
@@ -172,6 +209,39 @@ impl Vcpus {
         Ok(())
     }
 
+    /// Every vCPU's state, for a snapshot of the paused VM; each is read by its own
+    /// thread.
+    pub fn save(&self) -> Result<Vec<VcpuState>, VcpuError> {
+        const TIMEOUT: Duration = Duration::from_secs(5);
+        let n = self.threads.len();
+        let mut state = self.control.lock();
+        if state.target != Target::Pause || state.parked < n {
+            return Err(VcpuError::NotPaused);
+        }
+        state.saving = Some((0..n).map(|_| None).collect());
+        self.control.changed.notify_all();
+        let deadline = Instant::now() + TIMEOUT;
+        while state
+            .saving
+            .as_ref()
+            .is_some_and(|slots| slots.iter().any(Option::is_none))
+        {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                state.saving = None;
+                return Err(VcpuError::SaveTimeout(TIMEOUT));
+            }
+            state = self
+                .control
+                .changed
+                .wait_timeout(state, left)
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .0;
+        }
+        let slots = state.saving.take().unwrap_or_default();
+        Ok(slots.into_iter().flatten().collect::<Result<Vec<_>, _>>()?)
+    }
+
     pub fn resume(&self) {
         self.control.lock().target = Target::Run;
         self.control.changed.notify_all();
@@ -194,10 +264,11 @@ impl Vcpus {
     }
 }
 
-fn run_vcpu(id: u8, mut fd: VcpuFd, control: &VcpuControl, ctx: &VcpuContext) {
+fn run_vcpu(id: u8, vcpu: ReadyVcpu, control: &VcpuControl, ctx: &VcpuContext) {
+    let ReadyVcpu { mut fd, cpuid } = vcpu;
     KVM_RUN.with(|p| p.set(fd.get_kvm_run()));
     let mut first_run = true;
-    while control.wait_until_runnable() {
+    while control.wait_until_runnable(id, || VcpuState::save(&fd, id, &cpuid, &ctx.msr_indices)) {
         if first_run && id == 0 {
             log::info!("vcpu0: first KVM_RUN at monotonic_ns={}", monotonic_ns());
         }

@@ -9,12 +9,13 @@ use std::fs::OpenOptions;
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
+use std::path::Path;
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::Instant;
 
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
 use kvm_bindings::{kvm_pit_config, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
-use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
+use kvm_ioctls::{Cap, Kvm, VmFd};
 use peapod_devices::legacy::{
     SerialConsole, COM1_IRQ, COM1_PORT_BASE, COM1_PORT_LEN, I8042, I8042_PORT_BASE, I8042_PORT_LEN,
 };
@@ -34,7 +35,11 @@ use crate::memory::{self, MemoryError};
 use crate::mptable::{self, MptableError};
 use crate::platform::Platform;
 use crate::seccomp::{Seccomp, SeccompError, ThreadClass};
-use crate::vcpu::{self, VcpuContext, Vcpus};
+use crate::snapshot::{
+    self, kvm_state, state_file, SnapshotError, StateFileError, VmKvmState, VmSnapshot,
+    MEMORY_FILE, STATE_FILE,
+};
+use crate::vcpu::{self, ReadyVcpu, VcpuContext, Vcpus};
 
 /// Kernel command-line words the VMM always passes. `reboot=k`: the guest resets
 /// through the i8042, which ends the VMM. `panic=1`: a panicked guest resets too.
@@ -93,6 +98,8 @@ pub enum VmError {
     Devices(#[from] crate::devices::DeviceError),
     #[error("event loop: {0}")]
     EventLoop(String),
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
     #[error("{what}: {source}")]
     Io {
         what: &'static str,
@@ -113,6 +120,13 @@ pub fn run(config: &VmConfig) -> Result<ExitReason, VmError> {
     let mut timeline = Timeline::start();
     config.validate()?;
     let platform = Platform::detect(config.platform_quirks);
+    let restoring = match &config.restore {
+        Some(dir) => Some((
+            dir.as_path(),
+            VmSnapshot::load(dir, config.vcpus, config.memory_mib)?,
+        )),
+        None => None,
+    };
     if platform.emulating_host {
         log::info!("host KVM emulates guest kernel code: applying the platform workarounds");
     }
@@ -123,6 +137,12 @@ pub fn run(config: &VmConfig) -> Result<ExitReason, VmError> {
             return Err(VmError::KvmCapability(name));
         }
     }
+    if restoring.is_some() {
+        kvm_state::check_capabilities(&kvm).map_err(SnapshotError::from)?;
+    }
+    let msr_indices: Arc<[u32]> = kvm_state::msr_indices(&kvm)
+        .map_err(SnapshotError::from)?
+        .into();
     let max_vcpus = kvm.get_max_vcpus();
     if usize::from(config.vcpus) > max_vcpus {
         return Err(VmError::TooManyVcpus {
@@ -145,18 +165,32 @@ pub fn run(config: &VmConfig) -> Result<ExitReason, VmError> {
     timeline.mark("kvm vm");
 
     let mem_size = config.memory_bytes();
-    let memory = memory::create_guest_memory(mem_size)?;
+    let memory = match &restoring {
+        None => memory::create_guest_memory(mem_size)?,
+        Some((dir, _)) => {
+            snapshot::memory::map(&dir.join(MEMORY_FILE), mem_size).map_err(SnapshotError::from)?
+        }
+    };
     timeline.mark("guest memory mapped");
 
     // Registering guest memory with KVM costs milliseconds on some hosts, and only
     // KVM_RUN needs it: it runs beside everything else that prepares the guest.
-    let (registered, prepared) = std::thread::scope(|s| {
-        let registering = s.spawn(|| memory::register_guest_memory(&vm, &memory));
-        let prepared = prepare_guest(&kvm, &vm, &memory, config, platform, &mut timeline);
-        (registering.join(), prepared)
-    });
+    // A restore sets MSRs that name guest pages (kvmclock, async page faults), which
+    // KVM looks up at once: its memory is registered first.
+    let (registered, prepared) = match &restoring {
+        None => std::thread::scope(|s| {
+            let registering = s.spawn(|| memory::register_guest_memory(&vm, &memory));
+            let prepared = prepare_guest(&kvm, &vm, &memory, config, platform, &mut timeline);
+            (registering.join(), prepared)
+        }),
+        Some((_, snapshot)) => {
+            memory::register_guest_memory(&vm, &memory)?;
+            let restored = restore_guest(&kvm, &vm, &memory, config, platform, snapshot);
+            (Ok(Ok(())), restored)
+        }
+    };
     let Prepared {
-        vcpu_fds,
+        vcpus,
         pio,
         mmio,
         devices,
@@ -204,8 +238,10 @@ pub fn run(config: &VmConfig) -> Result<ExitReason, VmError> {
         mmio: Arc::new(mmio),
         memory: memory.clone(),
         exit: exit.clone(),
+        msr_indices,
     };
-    let vcpus = Vcpus::start(vcpu_fds, ctx, seccomp)?;
+    let vcpus = Vcpus::start(vcpus, ctx, seccomp)?;
+    let vm = Arc::new(vm);
     let subscribers = devices.subscribers().to_vec();
     let controller = Arc::new(Mutex::new(Controller {
         devices,
@@ -215,6 +251,8 @@ pub fn run(config: &VmConfig) -> Result<ExitReason, VmError> {
         api_wake,
         api_queue,
         vcpus,
+        vm: vm.clone(),
+        memory: memory.clone(),
         info: VmInfo {
             state: VmState::Running,
             vcpus: config.vcpus,
@@ -239,7 +277,7 @@ pub fn run(config: &VmConfig) -> Result<ExitReason, VmError> {
 
 /// A guest ready to run, but for its vCPU threads.
 struct Prepared {
-    vcpu_fds: Vec<VcpuFd>,
+    vcpus: Vec<ReadyVcpu>,
     pio: Bus,
     mmio: Bus,
     devices: VirtioDevices,
@@ -288,18 +326,62 @@ fn prepare_guest(
     let supported = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .map_err(kvm_err("get supported CPUID"))?;
-    let mut vcpu_fds: Vec<VcpuFd> = Vec::new();
+    let mut vcpus = Vec::new();
     for id in 0..config.vcpus {
         let fd = vm
             .create_vcpu(u64::from(id))
             .map_err(kvm_err("create vCPU"))?;
         let cpuid = vcpu_cpuid(&supported, id, config.vcpus, platform.hidden_features());
         cpu::configure_vcpu(&fd, id, &cpuid, kernel.entry.0)?;
-        vcpu_fds.push(fd);
+        vcpus.push(ReadyVcpu { fd, cpuid });
     }
     timeline.mark("vcpus configured");
     Ok(Prepared {
-        vcpu_fds,
+        vcpus,
+        pio,
+        mmio,
+        devices,
+        exit,
+        reset,
+    })
+}
+
+/// Builds the devices as for a boot, then sets the snapshot's state into the VM, its
+/// vCPUs and its devices (in that order: a device's interrupt raised on restore must
+/// land in the restored interrupt controllers).
+fn restore_guest(
+    kvm: &Kvm,
+    vm: &VmFd,
+    memory: &GuestMemoryMmap,
+    config: &VmConfig,
+    platform: Platform,
+    snapshot: &VmSnapshot,
+) -> Result<Prepared, VmError> {
+    let exit = Arc::new(ExitSignal::new().map_err(io_err("exit eventfd"))?);
+    let reset = EventFd::new(EFD_NONBLOCK).map_err(io_err("reset eventfd"))?;
+    let pio = build_pio_bus(vm, config, &reset)?;
+    let mut mmio = Bus::new();
+    let mut devices = VirtioDevices::build(vm, memory, config, &mut mmio)?;
+    snapshot.vm.restore(vm).map_err(SnapshotError::from)?;
+    let supported = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(kvm_err("get supported CPUID"))?;
+    let mut vcpus = Vec::new();
+    for (id, state) in (0..config.vcpus).zip(&snapshot.vcpus) {
+        let fd = vm
+            .create_vcpu(u64::from(id))
+            .map_err(kvm_err("create vCPU"))?;
+        let cpuid = vcpu_cpuid(&supported, id, config.vcpus, platform.hidden_features());
+        state
+            .restore(kvm, &fd, &cpuid)
+            .map_err(SnapshotError::from)?;
+        vcpus.push(ReadyVcpu { fd, cpuid });
+    }
+    devices
+        .restore(&snapshot.devices)
+        .map_err(SnapshotError::from)?;
+    Ok(Prepared {
+        vcpus,
         pio,
         mmio,
         devices,
@@ -454,6 +536,9 @@ struct Controller {
     api_wake: EventFd,
     api_queue: mpsc::Receiver<ApiCall>,
     vcpus: Vcpus,
+    /// For snapshots: the VM's own state and its memory.
+    vm: Arc<VmFd>,
+    memory: GuestMemoryMmap,
     /// What `vm.info` reports besides the state, which the vCPU controls hold.
     info: VmInfo,
 }
@@ -488,6 +573,13 @@ impl Controller {
                 self.exit.raise(ExitReason::ApiShutdown);
                 ApiResponse::Done
             }
+            ApiRequest::Snapshot(_) if !self.vcpus.is_paused() => {
+                ApiResponse::conflict("the VM is running: pause it (vm.pause) first")
+            }
+            ApiRequest::Snapshot(create) => match self.snapshot(&create.dir) {
+                Ok(()) => ApiResponse::Done,
+                Err(e) => ApiResponse::failed(e.to_string()),
+            },
             ApiRequest::BlockSet { set, file } => {
                 let backing = devices::backing(set.path, set.read_only, set.id, file);
                 self.devices
@@ -509,6 +601,45 @@ impl Controller {
                 .remove_from_store(remove.slot as usize, remove.start_sector)
                 .into(),
         }
+    }
+}
+
+impl Controller {
+    /// Writes the paused VM into `dir`: memory first, the state file last (a
+    /// directory without one is no snapshot).
+    fn snapshot(&self, dir: &Path) -> Result<(), SnapshotError> {
+        let started = Instant::now();
+        let state_path = dir.join(STATE_FILE);
+        match std::fs::remove_file(&state_path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(StateFileError::Io {
+                    path: state_path,
+                    what: "removing the previous one",
+                    source: e,
+                }
+                .into())
+            }
+            _ => {}
+        }
+        let vcpus = self.vcpus.save()?;
+        let devices = self.devices.save()?;
+        let vm = VmKvmState::save(&self.vm)?;
+        let written = snapshot::memory::write(&self.memory, &dir.join(MEMORY_FILE))?;
+        let state = VmSnapshot {
+            vcpu_count: self.info.vcpus,
+            memory_mib: self.info.memory_mib,
+            vm,
+            vcpus,
+            devices,
+        };
+        state_file::write(&state_path, &state)?;
+        log::info!(
+            "snapshot in {}: {} MiB of memory written, in {} ms",
+            dir.display(),
+            written >> 20,
+            started.elapsed().as_millis()
+        );
+        Ok(())
     }
 }
 

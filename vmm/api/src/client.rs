@@ -15,7 +15,10 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
-use crate::{BlockClear, BlockRegion, BlockRemove, BlockSet, Endpoint, ErrorBody, Method, VmInfo};
+use crate::{
+    BlockClear, BlockRegion, BlockRemove, BlockSet, Endpoint, ErrorBody, Method, SnapshotCreate,
+    VmInfo,
+};
 
 /// How long one request may take, connection to last byte of the reply.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -166,6 +169,15 @@ impl VmmClient {
     /// The VMM tears down and exits 0 after answering.
     pub fn shutdown(&self) -> Result<(), ClientError> {
         self.call(Endpoint::VmShutdown, None::<&()>, None).map(drop)
+    }
+
+    /// Writes the paused VM's state and memory into `dir`, which must exist.
+    pub fn snapshot(&self, dir: &Path) -> Result<(), ClientError> {
+        let create = SnapshotCreate {
+            dir: dir.to_path_buf(),
+        };
+        self.call(Endpoint::VmSnapshot, Some(&create), None)
+            .map(drop)
     }
 
     /// Puts the file at `set.path` in a slot; the VMM opens it.

@@ -20,7 +20,7 @@ mod messages;
 pub use client::{ClientError, RawReply, VmmClient, DEFAULT_TIMEOUT};
 pub use messages::{
     BlockClear, BlockRegion, BlockRemove, BlockSet, DeviceInfo, DeviceKind, ErrorBody, QueueInfo,
-    VmInfo, VmState,
+    SnapshotCreate, VmInfo, VmState,
 };
 
 /// Every endpoint's path.
@@ -31,6 +31,7 @@ pub mod paths {
     pub const VM_PAUSE: &str = "/api/v1/vm.pause";
     pub const VM_RESUME: &str = "/api/v1/vm.resume";
     pub const VM_SHUTDOWN: &str = "/api/v1/vm.shutdown";
+    pub const VM_SNAPSHOT: &str = "/api/v1/vm.snapshot";
     pub const BLOCK_SET: &str = "/api/v1/block.set";
     pub const BLOCK_CLEAR: &str = "/api/v1/block.clear";
     pub const BLOCK_APPEND: &str = "/api/v1/block.append";
@@ -64,6 +65,9 @@ pub enum Endpoint {
     VmResume,
     /// `PUT`: the VMM tears down and exits 0.
     VmShutdown,
+    /// `PUT` [`SnapshotCreate`]: writes a paused VM's state and memory into a
+    /// directory, from which `peapod-vmm --restore` starts it again; 409 if not paused.
+    VmSnapshot,
     /// `PUT` [`BlockSet`]: gives a block slot a backing file.
     BlockSet,
     /// `PUT` [`BlockClear`]: empties a block slot.
@@ -76,11 +80,12 @@ pub enum Endpoint {
 }
 
 impl Endpoint {
-    pub const ALL: [Endpoint; 8] = [
+    pub const ALL: [Endpoint; 9] = [
         Endpoint::VmInfo,
         Endpoint::VmPause,
         Endpoint::VmResume,
         Endpoint::VmShutdown,
+        Endpoint::VmSnapshot,
         Endpoint::BlockSet,
         Endpoint::BlockClear,
         Endpoint::BlockAppend,
@@ -93,6 +98,7 @@ impl Endpoint {
             Endpoint::VmPause => paths::VM_PAUSE,
             Endpoint::VmResume => paths::VM_RESUME,
             Endpoint::VmShutdown => paths::VM_SHUTDOWN,
+            Endpoint::VmSnapshot => paths::VM_SNAPSHOT,
             Endpoint::BlockSet => paths::BLOCK_SET,
             Endpoint::BlockClear => paths::BLOCK_CLEAR,
             Endpoint::BlockAppend => paths::BLOCK_APPEND,

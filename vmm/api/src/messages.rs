@@ -65,6 +65,18 @@ impl BlockRemove {
     pub const EXAMPLE: &'static str = r#"{"slot": 0, "start_sector": 2048}"#;
 }
 
+/// The body of `vm.snapshot`: the directory (which must exist) where the VMM writes
+/// the paused VM's state (`vm.state`) and memory (`memory`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotCreate {
+    pub dir: PathBuf,
+}
+
+impl SnapshotCreate {
+    pub const EXAMPLE: &'static str = r#"{"dir": "/var/lib/peapod/templates/abc"}"#;
+}
+
 /// Whether the vCPUs run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

@@ -22,6 +22,19 @@ type Rules = Vec<(i64, Vec<SeccompRule>)>;
 const KVM_RUN: u64 = 0xae80;
 const KVM_GET_REGS: u64 = 0x8090_ae81;
 const KVM_TRANSLATE: u64 = 0xc018_ae85;
+// A snapshot: each vCPU thread reads its vCPU, the event loop the VM.
+const KVM_GET_SREGS: u64 = 0x8138_ae83;
+const KVM_GET_MSRS: u64 = 0xc008_ae88;
+const KVM_GET_LAPIC: u64 = 0x8400_ae8e;
+const KVM_GET_MP_STATE: u64 = 0x8004_ae98;
+const KVM_GET_VCPU_EVENTS: u64 = 0x8040_ae9f;
+const KVM_GET_DEBUGREGS: u64 = 0x8080_aea1;
+const KVM_GET_TSC_KHZ: u64 = 0xaea3;
+const KVM_GET_XSAVE: u64 = 0x9000_aea4;
+const KVM_GET_XCRS: u64 = 0x8188_aea6;
+const KVM_GET_IRQCHIP: u64 = 0xc208_ae62;
+const KVM_GET_CLOCK: u64 = 0x8030_ae7c;
+const KVM_GET_PIT2: u64 = 0x8070_ae9f;
 const TUNSETOFFLOAD: u64 = 0x4004_54d0;
 const FIONBIO: u64 = 0x5421;
 /// The socket type's bits in socket(2)'s second argument (the rest are flags).
@@ -99,8 +112,9 @@ fn common() -> Result<Rules, Error> {
 }
 
 /// The event loop: virtqueues of every device (disk files, the tap, vsock's unix
-/// sockets), the API's calls (block.set opens and sizes files), kicking vCPUs,
-/// teardown (joins, unmaps guest memory, removes the socket files).
+/// sockets), the API's calls (block.set opens and sizes files; vm.snapshot reads the
+/// VM's state and writes files), kicking vCPUs, teardown (joins, unmaps guest
+/// memory, removes the socket files).
 fn main_thread() -> Result<Rules, Error> {
     let mut r = plain(&[
         libc::SYS_epoll_wait,
@@ -147,15 +161,36 @@ fn main_thread() -> Result<Rules, Error> {
             ],
         )?,
     ));
-    r.push(ioctls(&[FIONBIO, TUNSETOFFLOAD])?);
+    r.push(ioctls(&[
+        FIONBIO,
+        TUNSETOFFLOAD,
+        KVM_GET_IRQCHIP,
+        KVM_GET_CLOCK,
+        KVM_GET_PIT2,
+    ])?);
     Ok(r)
 }
 
 /// KVM_RUN and the exits it dispatches: MMIO and port accesses, which may activate a
-/// device (an eventfd cloned, the tap's offloads set) and log.
+/// device (an eventfd cloned, the tap's offloads set) and log; reading the vCPU's
+/// state for a snapshot.
 fn vcpu_thread() -> Result<Rules, Error> {
     Ok(vec![
-        ioctls(&[KVM_RUN, KVM_GET_REGS, KVM_TRANSLATE, TUNSETOFFLOAD])?,
+        ioctls(&[
+            KVM_RUN,
+            KVM_GET_REGS,
+            KVM_TRANSLATE,
+            TUNSETOFFLOAD,
+            KVM_GET_SREGS,
+            KVM_GET_MSRS,
+            KVM_GET_LAPIC,
+            KVM_GET_MP_STATE,
+            KVM_GET_VCPU_EVENTS,
+            KVM_GET_DEBUGREGS,
+            KVM_GET_TSC_KHZ,
+            KVM_GET_XSAVE,
+            KVM_GET_XCRS,
+        ])?,
         (libc::SYS_fcntl, any_of(1, &[libc::F_DUPFD_CLOEXEC as u64])?),
     ])
 }

@@ -141,12 +141,10 @@ pub struct VcpuState {
 impl VcpuState {
     /// Reads vCPU `id`'s state from `fd`; its VM is paused. `cpuid` is what the VMM
     /// gave the vCPU (KVM_GET_CPUID2 is no echo of it: some hosts' KVM answers with
-    /// other feature bits than it was set).
-    pub fn save(kvm_fd: &Kvm, fd: &VcpuFd, id: u8, cpuid: &CpuId) -> Result<Self> {
+    /// other feature bits than it was set); `msr_indices` the MSRs to save
+    /// ([`msr_indices`]).
+    pub fn save(fd: &VcpuFd, id: u8, cpuid: &CpuId, msr_indices: &[u32]) -> Result<Self> {
         let what = |w: &str| format!("vCPU {id}: reading {w}");
-        let indices = kvm_fd
-            .get_msr_index_list()
-            .map_err(kvm("listing the MSRs KVM saves"))?;
         Ok(VcpuState {
             id,
             cpuid: cpuid.as_slice().to_vec(),
@@ -159,7 +157,7 @@ impl VcpuState {
                 .get_debug_regs()
                 .map_err(kvm(what("its debug registers")))?,
             lapic: fd.get_lapic().map_err(kvm(what("its local APIC")))?,
-            msrs: read_msrs(fd, indices.as_slice()).map_err(kvm(what("its MSRs")))?,
+            msrs: read_msrs(fd, msr_indices).map_err(kvm(what("its MSRs")))?,
             events: fd.get_vcpu_events().map_err(kvm(what("its events")))?,
             tsc_khz: fd.get_tsc_khz().ok(),
         })
@@ -219,6 +217,15 @@ impl VcpuState {
         fd.set_vcpu_events(&self.events)
             .map_err(kvm(what("its events")))
     }
+}
+
+/// The MSRs a snapshot saves: every one KVM says it saves and restores.
+pub fn msr_indices(kvm_fd: &Kvm) -> Result<Vec<u32>> {
+    Ok(kvm_fd
+        .get_msr_index_list()
+        .map_err(kvm("listing the MSRs KVM saves"))?
+        .as_slice()
+        .to_vec())
 }
 
 /// Every MSR of `indices` that KVM reads for this vCPU (it stops at the first it
@@ -381,7 +388,7 @@ mod tests {
         state_file::write(&vm_file, &VmKvmState::save(&vm).unwrap()).unwrap();
         state_file::write(
             &vcpu_file,
-            &VcpuState::save(&kvm, &vcpu, 0, &cpuid).unwrap(),
+            &VcpuState::save(&vcpu, 0, &cpuid, &msr_indices(&kvm).unwrap()).unwrap(),
         )
         .unwrap();
 

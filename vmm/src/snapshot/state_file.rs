@@ -96,7 +96,7 @@ pub fn write<T: Serialize>(path: &Path, state: &T) -> Result<(), StateFileError>
     text.extend_from_slice(&body);
     let mut file = std::fs::File::create(path).map_err(io("creating it"))?;
     file.write_all(&text).map_err(io("writing it"))?;
-    file.sync_all().map_err(io("syncing it"))
+    file.sync_data().map_err(io("syncing it"))
 }
 
 /// Reads the state in the file at `path`, refusing a file that is not one this
