@@ -365,11 +365,28 @@ mod tests {
         (uds, connections)
     }
 
-    fn wait(container_id: &str) -> ProcessRequest {
-        ProcessRequest {
+    /// WaitProcess for `container_id` as a long poll of `poll`, the VM gone or not
+    /// as `gone` says.
+    async fn wait<G, GFut>(
+        agent: &Agent,
+        container_id: &str,
+        poll: Duration,
+        gone: G,
+    ) -> ttrpc::Result<WaitResponse>
+    where
+        G: Fn(Duration) -> GFut,
+        GFut: std::future::Future<Output = bool>,
+    {
+        let req = ProcessRequest {
             container_id: container_id.into(),
             ..Default::default()
-        }
+        };
+        agent
+            .long_poll(poll, gone, |c, ctx| {
+                let req = req.clone();
+                async move { c.wait_process(ctx, &req).await }
+            })
+            .await
     }
 
     #[tokio::test]
@@ -382,12 +399,7 @@ mod tests {
             asked_gone.fetch_add(1, Ordering::SeqCst);
             async { false }
         };
-        let req = wait("c1");
-        let answer = agent
-            .long_poll(Duration::from_millis(300), gone, |c, ctx| {
-                let req = req.clone();
-                async move { c.wait_process(ctx, &req).await }
-            })
+        let answer = wait(&agent, "c1", Duration::from_millis(300), gone)
             .await
             .expect("the third call answers");
         assert_eq!(answer.exit_status, 7);
@@ -399,16 +411,7 @@ mod tests {
         );
 
         // The agent's own error comes back at once.
-        let req = wait("gone");
-        let e = agent
-            .long_poll(
-                Duration::from_secs(5),
-                |_| async { false },
-                |c, ctx| {
-                    let req = req.clone();
-                    async move { c.wait_process(ctx, &req).await }
-                },
-            )
+        let e = wait(&agent, "gone", Duration::from_secs(5), |_| async { false })
             .await
             .unwrap_err();
         assert!(e.to_string().contains("no container gone"), "{e}");
@@ -421,16 +424,7 @@ mod tests {
         let (uds, connections) = fake_vm(dir.path(), breaker.clone()).await;
         let agent = Agent::connect(&uds, Duration::from_secs(5)).await.unwrap();
         breaker.notify_one();
-        let req = wait("c1");
-        let e = agent
-            .long_poll(
-                Duration::from_secs(5),
-                |_| async { true },
-                |c, ctx| {
-                    let req = req.clone();
-                    async move { c.wait_process(ctx, &req).await }
-                },
-            )
+        let e = wait(&agent, "c1", Duration::from_secs(5), |_| async { true })
             .await
             .unwrap_err();
         assert!(!matches!(e, ttrpc::Error::RpcStatus(_)), "{e}");
