@@ -9,7 +9,7 @@ use std::cell::Cell;
 use std::os::unix::thread::JoinHandleExt;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use kvm_bindings::{kvm_run, CpuId};
 use kvm_ioctls::{VcpuExit, VcpuFd};
@@ -73,6 +73,18 @@ struct VcpuControl {
 impl VcpuControl {
     fn lock(&self) -> MutexGuard<'_, ControlState> {
         peapod_devices::lock(&self.state)
+    }
+
+    /// Waits while `busy` holds of the state, at most `timeout`.
+    fn wait_while<'a>(
+        &self,
+        state: MutexGuard<'a, ControlState>,
+        timeout: Duration,
+        busy: impl FnMut(&mut ControlState) -> bool,
+    ) -> (MutexGuard<'a, ControlState>, std::sync::WaitTimeoutResult) {
+        self.changed
+            .wait_timeout_while(state, timeout, busy)
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Blocks while paused, reading vCPU `id`'s state with `save` when a snapshot
@@ -192,19 +204,12 @@ impl Vcpus {
         state.target = Target::Pause;
         drop(state);
         self.kick_all();
-        let deadline = Instant::now() + TIMEOUT;
-        let mut state = self.control.lock();
-        while state.parked < self.threads.len() {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Err(VcpuError::PauseTimeout(TIMEOUT));
-            }
-            state = self
-                .control
-                .changed
-                .wait_timeout(state, left)
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .0;
+        let n = self.threads.len();
+        let (_state, waited) = self
+            .control
+            .wait_while(self.control.lock(), TIMEOUT, |s| s.parked < n);
+        if waited.timed_out() {
+            return Err(VcpuError::PauseTimeout(TIMEOUT));
         }
         Ok(())
     }
@@ -220,23 +225,14 @@ impl Vcpus {
         }
         state.saving = Some((0..n).map(|_| None).collect());
         self.control.changed.notify_all();
-        let deadline = Instant::now() + TIMEOUT;
-        while state
-            .saving
-            .as_ref()
-            .is_some_and(|slots| slots.iter().any(Option::is_none))
-        {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                state.saving = None;
-                return Err(VcpuError::SaveTimeout(TIMEOUT));
-            }
-            state = self
-                .control
-                .changed
-                .wait_timeout(state, left)
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .0;
+        let (mut state, waited) = self.control.wait_while(state, TIMEOUT, |s| {
+            s.saving
+                .as_ref()
+                .is_some_and(|slots| slots.iter().any(Option::is_none))
+        });
+        if waited.timed_out() {
+            state.saving = None;
+            return Err(VcpuError::SaveTimeout(TIMEOUT));
         }
         let slots = state.saving.take().unwrap_or_default();
         Ok(slots.into_iter().flatten().collect::<Result<Vec<_>, _>>()?)

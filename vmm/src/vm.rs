@@ -140,8 +140,12 @@ pub fn run(config: &VmConfig) -> Result<ExitReason, VmError> {
     if restoring.is_some() {
         kvm_state::check_capabilities(&kvm).map_err(SnapshotError::from)?;
     }
+    // Only a snapshot needs the list: a boot goes on without it.
     let msr_indices: Arc<[u32]> = kvm_state::msr_indices(&kvm)
-        .map_err(SnapshotError::from)?
+        .unwrap_or_else(|e| {
+            log::warn!("{e}; this VM cannot be snapshotted");
+            Vec::new()
+        })
         .into();
     let max_vcpus = kvm.get_max_vcpus();
     if usize::from(config.vcpus) > max_vcpus {
@@ -191,11 +195,14 @@ pub fn run(config: &VmConfig) -> Result<ExitReason, VmError> {
     };
     let Prepared {
         vcpus,
-        pio,
-        mmio,
-        devices,
-        exit,
-        reset,
+        machine:
+            Machine {
+                pio,
+                mmio,
+                devices,
+                exit,
+                reset,
+            },
     } = prepared?;
     registered.expect("memory registration does not panic")?;
     timeline.mark("guest memory registered");
@@ -278,11 +285,34 @@ pub fn run(config: &VmConfig) -> Result<ExitReason, VmError> {
 /// A guest ready to run, but for its vCPU threads.
 struct Prepared {
     vcpus: Vec<ReadyVcpu>,
+    machine: Machine,
+}
+
+/// What a VM has besides its vCPUs and memory: the buses with their devices, and the
+/// events that end it.
+struct Machine {
     pio: Bus,
     mmio: Bus,
     devices: VirtioDevices,
     exit: Arc<ExitSignal>,
     reset: EventFd,
+}
+
+impl Machine {
+    fn build(vm: &VmFd, memory: &GuestMemoryMmap, config: &VmConfig) -> Result<Self, VmError> {
+        let exit = Arc::new(ExitSignal::new().map_err(io_err("exit eventfd"))?);
+        let reset = EventFd::new(EFD_NONBLOCK).map_err(io_err("reset eventfd"))?;
+        let pio = build_pio_bus(vm, config, &reset)?;
+        let mut mmio = Bus::new();
+        let devices = VirtioDevices::build(vm, memory, config, &mut mmio)?;
+        Ok(Machine {
+            pio,
+            mmio,
+            devices,
+            exit,
+            reset,
+        })
+    }
 }
 
 /// Puts kernel, initrd and boot data in guest memory, builds the devices and
@@ -300,11 +330,7 @@ fn prepare_guest(
     let initrd = boot::load_initrd(memory, mem_size, kernel.end, &config.initrd)?;
     timeline.mark("images loaded");
 
-    let exit = Arc::new(ExitSignal::new().map_err(io_err("exit eventfd"))?);
-    let reset = EventFd::new(EFD_NONBLOCK).map_err(io_err("reset eventfd"))?;
-    let pio = build_pio_bus(vm, config, &reset)?;
-    let mut mmio = Bus::new();
-    let devices = VirtioDevices::build(vm, memory, config, &mut mmio)?;
+    let machine = Machine::build(vm, memory, config)?;
     timeline.mark("devices");
 
     let mut words: Vec<&str> = BASE_CMDLINE.to_vec();
@@ -313,7 +339,7 @@ fn prepare_guest(
         _ => CONSOLE_ON,
     });
     words.extend(platform.cmdline_words());
-    words.extend(devices.cmdline_words());
+    words.extend(machine.devices.cmdline_words());
     let cmdline = boot::build_cmdline(&words, &config.cmdline)?;
     if let Ok(c) = cmdline.as_cstring() {
         log::info!("kernel command line: {}", c.to_string_lossy());
@@ -336,14 +362,7 @@ fn prepare_guest(
         vcpus.push(ReadyVcpu { fd, cpuid });
     }
     timeline.mark("vcpus configured");
-    Ok(Prepared {
-        vcpus,
-        pio,
-        mmio,
-        devices,
-        exit,
-        reset,
-    })
+    Ok(Prepared { vcpus, machine })
 }
 
 /// Builds the devices as for a boot, then sets the snapshot's state into the VM, its
@@ -357,11 +376,7 @@ fn restore_guest(
     platform: Platform,
     snapshot: &VmSnapshot,
 ) -> Result<Prepared, VmError> {
-    let exit = Arc::new(ExitSignal::new().map_err(io_err("exit eventfd"))?);
-    let reset = EventFd::new(EFD_NONBLOCK).map_err(io_err("reset eventfd"))?;
-    let pio = build_pio_bus(vm, config, &reset)?;
-    let mut mmio = Bus::new();
-    let mut devices = VirtioDevices::build(vm, memory, config, &mut mmio)?;
+    let mut machine = Machine::build(vm, memory, config)?;
     snapshot.vm.restore(vm).map_err(SnapshotError::from)?;
     let supported = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
@@ -377,17 +392,11 @@ fn restore_guest(
             .map_err(SnapshotError::from)?;
         vcpus.push(ReadyVcpu { fd, cpuid });
     }
-    devices
+    machine
+        .devices
         .restore(&snapshot.devices)
         .map_err(SnapshotError::from)?;
-    Ok(Prepared {
-        vcpus,
-        pio,
-        mmio,
-        devices,
-        exit,
-        reset,
-    })
+    Ok(Prepared { vcpus, machine })
 }
 
 /// How long each set-up phase took, for `--log-level debug` and the boot benchmark.

@@ -145,6 +145,9 @@ impl VcpuState {
     /// ([`msr_indices`]).
     pub fn save(fd: &VcpuFd, id: u8, cpuid: &CpuId, msr_indices: &[u32]) -> Result<Self> {
         let what = |w: &str| format!("vCPU {id}: reading {w}");
+        if msr_indices.is_empty() {
+            return Err(KvmStateError::Capability("the list of MSRs to save"));
+        }
         Ok(VcpuState {
             id,
             cpuid: cpuid.as_slice().to_vec(),
