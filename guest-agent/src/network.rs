@@ -325,10 +325,12 @@ impl fmt::Display for RouteConfig {
 /// Configures the guest's network as asked: `lo` up, then each interface, then the
 /// routes. Running it again with the same configuration changes nothing and succeeds:
 /// addresses and routes that exist already are kept.
-pub fn configure_network(net: &SandboxNetwork) -> Result<(), SandboxError> {
+/// `restored`: the guest was restored from a snapshot, so its one card has the
+/// snapshot VM's MAC and takes the one interface's.
+pub fn configure_network(net: &SandboxNetwork, restored: bool) -> Result<(), SandboxError> {
     let mut rtnl = Rtnl::open()?;
     let links = rtnl.links()?;
-    let steps = plan(net, &links)?;
+    let steps = plan(net, &links, restored)?;
     rtnl.apply(&steps)
 }
 
@@ -362,6 +364,10 @@ enum Op {
         index: u32,
         name: String,
     },
+    SetMac {
+        index: u32,
+        mac: MacAddr,
+    },
     Mtu {
         index: u32,
         mtu: u32,
@@ -379,7 +385,7 @@ enum Op {
 /// Turns the configuration into requests against the guest's current links: what
 /// must change, in order. Every lookup happens here, so a request naming a missing
 /// interface changes nothing.
-fn plan(net: &SandboxNetwork, links: &[Link]) -> Result<Vec<Step>, SandboxError> {
+fn plan(net: &SandboxNetwork, links: &[Link], restored: bool) -> Result<Vec<Step>, SandboxError> {
     let mut steps = Vec::new();
     if let Some(lo) = links.iter().find(|l| l.loopback) {
         if !lo.up {
@@ -402,16 +408,42 @@ fn plan(net: &SandboxNetwork, links: &[Link]) -> Result<Vec<Step>, SandboxError>
             });
         }
         seen.push(iface.mac);
-        let link = links
+        let (link, new_mac) = match links
             .iter()
             .find(|l| !l.loopback && l.mac == Some(iface.mac))
-            .ok_or_else(|| SandboxError::NoSuchMac {
-                object: object.clone(),
-                present: present_macs(links),
-            })?;
+        {
+            Some(link) => (link, false),
+            // A guest restored from a snapshot has the snapshot VM's MAC on its card:
+            // with one card and one interface asked for, that card is it.
+            None => match only_card(links).filter(|_| restored && net.interfaces.len() == 1) {
+                Some(link) => (link, true),
+                None => {
+                    return Err(SandboxError::NoSuchMac {
+                        object: object.clone(),
+                        present: present_macs(links),
+                    })
+                }
+            },
+        };
         let index = link.index;
         let mut up = link.up;
         let mut name = link.name.as_str();
+        if new_mac {
+            if up {
+                steps.push(Step {
+                    what: format!("{object} ({name}): taking it down to set its MAC"),
+                    op: Op::Down { index },
+                });
+                up = false;
+            }
+            steps.push(Step {
+                what: format!("{object} ({name}): setting its MAC"),
+                op: Op::SetMac {
+                    index,
+                    mac: iface.mac,
+                },
+            });
+        }
         let rename = iface.name.as_deref().filter(|n| *n != link.name);
         if let Some(new) = rename {
             if let Err(reason) = check_ifname(new) {
@@ -500,6 +532,15 @@ fn plan(net: &SandboxNetwork, links: &[Link]) -> Result<Vec<Step>, SandboxError>
     Ok(steps)
 }
 
+/// The guest's one network card, if it has exactly one.
+fn only_card(links: &[Link]) -> Option<&Link> {
+    let mut cards = links.iter().filter(|l| !l.loopback);
+    match (cards.next(), cards.next()) {
+        (Some(card), None) => Some(card),
+        _ => None,
+    }
+}
+
 fn present_macs(links: &[Link]) -> String {
     let list: Vec<String> = links
         .iter()
@@ -582,6 +623,15 @@ impl Op {
                 let mut value = name.clone().into_bytes();
                 value.push(0);
                 let attributes = vec![DefaultNla::new(IFLA_IFNAME, value)];
+                (
+                    libc::RTM_SETLINK,
+                    0,
+                    Header::Link(link_header(*index)),
+                    attributes,
+                )
+            }
+            Op::SetMac { index, mac } => {
+                let attributes = vec![DefaultNla::new(IFLA_ADDRESS, mac.0.to_vec())];
                 (
                     libc::RTM_SETLINK,
                     0,
@@ -1197,7 +1247,7 @@ pub(crate) mod tests {
                 RouteConfig::parse("10.9.0.0/16", "", "eth0", "10.88.0.5").unwrap(),
             ],
         };
-        let steps = plan(&net, &guest_links(false)).unwrap();
+        let steps = plan(&net, &guest_links(false), false).unwrap();
         assert_eq!(
             ops(&steps),
             [
@@ -1229,6 +1279,51 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn plan_gives_a_restored_guests_only_card_the_pods_mac() {
+        let net = SandboxNetwork {
+            interfaces: vec![InterfaceConfig::parse(
+                "02:00:00:00:00:07",
+                "eth0",
+                &["10.88.0.7/16"],
+                0,
+            )
+            .unwrap()],
+            routes: vec![],
+        };
+        let e = plan(&net, &guest_links(true), false).unwrap_err();
+        assert!(
+            matches!(e, SandboxError::NoSuchMac { .. }),
+            "not restored: {e}"
+        );
+        let steps = plan(&net, &guest_links(true), true).unwrap();
+        assert_eq!(
+            ops(&steps),
+            [
+                Op::Up { index: 1 },
+                Op::Down { index: 2 },
+                Op::SetMac {
+                    index: 2,
+                    mac: "02:00:00:00:00:07".parse().unwrap()
+                },
+                Op::Up { index: 2 },
+                Op::AddAddress {
+                    index: 2,
+                    cidr: cidr("10.88.0.7/16")
+                },
+            ]
+        );
+        assert_eq!(
+            steps[2].what,
+            "interface 02:00:00:00:00:07 (eth0): setting its MAC"
+        );
+        // With two cards, which one is meant cannot be told.
+        let mut two = guest_links(false);
+        two.push(link(3, "eth1", "52:54:00:12:34:57", false));
+        let e = plan(&net, &two, true).unwrap_err();
+        assert!(matches!(e, SandboxError::NoSuchMac { .. }), "{e}");
+    }
+
+    #[test]
     fn plan_takes_an_up_interface_down_only_to_rename_it() {
         let rename = SandboxNetwork {
             interfaces: vec![
@@ -1236,7 +1331,7 @@ pub(crate) mod tests {
             ],
             routes: vec![RouteConfig::parse("", "", "pod0", "").unwrap()],
         };
-        let steps = plan(&rename, &guest_links(true)).unwrap();
+        let steps = plan(&rename, &guest_links(true), false).unwrap();
         assert_eq!(
             ops(&steps),
             [
@@ -1263,7 +1358,7 @@ pub(crate) mod tests {
             interfaces: vec![InterfaceConfig::parse("52:54:00:12:34:56", "eth0", NONE, 0).unwrap()],
             routes: vec![],
         };
-        assert_eq!(plan(&same, &links).unwrap(), []);
+        assert_eq!(plan(&same, &links, false).unwrap(), []);
     }
 
     #[test]
@@ -1274,7 +1369,7 @@ pub(crate) mod tests {
             routes: vec![],
         };
         assert_eq!(
-            plan(&missing, &links).unwrap_err().to_string(),
+            plan(&missing, &links, false).unwrap_err().to_string(),
             "interface aa:bb:cc:dd:ee:ff: no guest interface has this MAC (the VM's --net \
              mac= must match; the guest has: eth0 52:54:00:12:34:56)"
         );
@@ -1285,7 +1380,7 @@ pub(crate) mod tests {
             ],
             routes: vec![],
         };
-        assert!(plan(&twice, &links)
+        assert!(plan(&twice, &links, false)
             .unwrap_err()
             .to_string()
             .contains("asked for twice"));
@@ -1293,7 +1388,7 @@ pub(crate) mod tests {
             interfaces: vec![InterfaceConfig::parse("52:54:00:12:34:56", "lo", NONE, 0).unwrap()],
             routes: vec![],
         };
-        let e = plan(&clash, &links).unwrap_err().to_string();
+        let e = plan(&clash, &links, false).unwrap_err().to_string();
         assert!(
             e.contains("interface name lo: would be given to two interfaces"),
             "{e}"
@@ -1303,7 +1398,7 @@ pub(crate) mod tests {
             routes: vec![RouteConfig::parse("10.0.0.0/8", "", "eth9", "").unwrap()],
         };
         assert_eq!(
-            plan(&no_dev, &links).unwrap_err().to_string(),
+            plan(&no_dev, &links, false).unwrap_err().to_string(),
             "route 10.0.0.0/8 dev eth9: no guest interface is named eth9 (there are: eth0, lo)"
         );
     }
@@ -1444,9 +1539,9 @@ pub(crate) mod tests {
                 "pp-guest2",
             ]);
             let net = pod_network();
-            configure_network(&net).expect("first configuration");
+            configure_network(&net, false).expect("first configuration");
             check_pod_network();
-            configure_network(&net).expect("the same configuration again");
+            configure_network(&net, false).expect("the same configuration again");
             check_pod_network();
         });
     }
@@ -1455,7 +1550,7 @@ pub(crate) mod tests {
     fn brings_lo_up_with_no_interfaces() {
         in_new_netns(|| {
             assert!(!ip(&["-o", "link", "show", "lo"]).contains(",UP"));
-            configure_network(&SandboxNetwork::default()).unwrap();
+            configure_network(&SandboxNetwork::default(), false).unwrap();
             assert!(ip(&["-o", "link", "show", "lo"]).contains(",UP"));
             assert!(ip(&["-4", "-o", "addr", "show", "lo"]).contains("inet 127.0.0.1/8"));
         });
@@ -1475,7 +1570,7 @@ pub(crate) mod tests {
                 .unwrap()],
                 routes: vec![],
             };
-            let e = configure_network(&net).unwrap_err();
+            let e = configure_network(&net, false).unwrap_err();
             assert!(matches!(e, SandboxError::NoSuchMac { .. }), "{e:?}");
             assert_eq!(
                 e.to_string(),
@@ -1512,7 +1607,7 @@ pub(crate) mod tests {
                     RouteConfig::parse("", "10.88.0.1", "", "").unwrap(),
                 ],
             };
-            let e = configure_network(&net).unwrap_err().to_string();
+            let e = configure_network(&net, false).unwrap_err().to_string();
             assert!(
                 e.starts_with("route 10.0.0.0/8 via 1.2.3.4: Network is unreachable"),
                 "{e}"

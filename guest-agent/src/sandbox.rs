@@ -35,6 +35,12 @@ pub struct SandboxConfig {
     pub network: SandboxNetwork,
     /// `net.ipv4.ip_forward` -> `1`.
     pub sysctls: BTreeMap<String, String>,
+    /// Restored from a snapshot: the one card takes the one interface's MAC.
+    pub restored: bool,
+    /// The host's wall clock, in nanoseconds since 1970, that the guest's is set to.
+    pub wall_clock_unix_nanos: Option<i64>,
+    /// The host's random bytes for the guest's pool.
+    pub entropy: Vec<u8>,
 }
 
 /// The contents of `/etc/resolv.conf`.
@@ -86,8 +92,16 @@ fn prepare_at(
     for name in sandbox.sysctls.keys() {
         sysctl_path(sysctl_root, name)?;
     }
+    // The guest's clock and random pool before anything uses them: a restored guest
+    // has its snapshot's, the same in every sibling.
+    if let Some(nanos) = sandbox.wall_clock_unix_nanos {
+        set_wall_clock(nanos)?;
+    }
+    if !sandbox.entropy.is_empty() {
+        add_entropy(&sandbox.entropy)?;
+    }
     // First: it finds every interface before it changes any.
-    configure_network(&sandbox.network)?;
+    configure_network(&sandbox.network, sandbox.restored)?;
     if let Some(name) = &sandbox.hostname {
         set_hostname(name)?;
     }
@@ -99,6 +113,66 @@ fn prepare_at(
 
 /// Sets the guest's hostname, which must be DNS labels (RFC 1123: letters, digits and
 /// inner hyphens, 63 bytes at most each) joined by dots, 64 bytes at most.
+/// Sets CLOCK_REALTIME to `unix_nanos`.
+fn set_wall_clock(unix_nanos: i64) -> Result<(), SandboxError> {
+    let time = nix::sys::time::TimeSpec::new(
+        unix_nanos.div_euclid(1_000_000_000),
+        unix_nanos.rem_euclid(1_000_000_000),
+    );
+    nix::time::clock_settime(nix::time::ClockId::CLOCK_REALTIME, time).map_err(|e| {
+        SandboxError::Failed {
+            what: format!("setting the wall clock to {unix_nanos} ns after 1970"),
+            source: e.into(),
+            hint: String::new(),
+        }
+    })
+}
+
+/// `RNDADDENTROPY` and `RNDRESEEDCRNG` (linux/random.h).
+const RNDADDENTROPY: libc::c_ulong = 0x4008_5203;
+const RNDRESEEDCRNG: libc::c_ulong = 0x5207;
+
+/// `struct rand_pool_info` for `bytes`, all of them credited as entropy.
+fn rand_pool_info(bytes: &[u8]) -> Vec<u32> {
+    let words = bytes.len().div_ceil(4);
+    let mut info = Vec::with_capacity(2 + words);
+    info.push((bytes.len() * 8) as u32); // entropy_count, in bits
+    info.push(bytes.len() as u32); // buf_size, in bytes
+    for chunk in bytes.chunks(4) {
+        let mut word = [0u8; 4];
+        word[..chunk.len()].copy_from_slice(chunk);
+        info.push(u32::from_ne_bytes(word));
+    }
+    info
+}
+
+/// Mixes the host's random `bytes` into the kernel's pool, credited, and reseeds the
+/// kernel's generator from it, so that what the guest draws from now on differs from
+/// what any other guest restored from the same snapshot draws.
+fn add_entropy(bytes: &[u8]) -> Result<(), SandboxError> {
+    let failed = |what: &str, source: io::Error| SandboxError::Failed {
+        what: format!("the guest's random pool: {what}"),
+        source,
+        hint: String::new(),
+    };
+    let random = fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/random")
+        .map_err(|e| failed("opening /dev/random", e))?;
+    let info = rand_pool_info(bytes);
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&random);
+    // SAFETY: `info` is a rand_pool_info (two ints, then buf_size bytes in u32 words)
+    // that outlives the call; the kernel reads no more than buf_size bytes of it.
+    if unsafe { libc::ioctl(fd, RNDADDENTROPY, info.as_ptr()) } != 0 {
+        return Err(failed("RNDADDENTROPY", io::Error::last_os_error()));
+    }
+    // SAFETY: an ioctl without an argument on an open /dev/random.
+    if unsafe { libc::ioctl(fd, RNDRESEEDCRNG) } != 0 {
+        return Err(failed("RNDRESEEDCRNG", io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
 pub fn set_hostname(name: &str) -> Result<(), SandboxError> {
     check_hostname(name)?;
     nix::unistd::sethostname(name).map_err(|e| SandboxError::Failed {
@@ -473,6 +547,15 @@ mod tests {
     }
 
     #[test]
+    fn host_entropy_is_a_rand_pool_info() {
+        let info = rand_pool_info(&[1, 2, 3, 4, 5]);
+        assert_eq!(info[..2], [40, 5], "bits credited, bytes given");
+        assert_eq!(info[2], u32::from_ne_bytes([1, 2, 3, 4]));
+        assert_eq!(info[3], u32::from_ne_bytes([5, 0, 0, 0]));
+        assert_eq!(info.len(), 4);
+    }
+
+    #[test]
     fn prepare_checks_everything_before_changing_anything() {
         let dir = tempfile::tempdir().unwrap();
         let resolv = dir.path().join("resolv.conf");
@@ -514,6 +597,7 @@ mod tests {
                     ("net.ipv4.ip_forward".to_string(), "1".to_string()),
                     ("net.ipv4.conf.eth0.rp_filter".to_string(), "2".to_string()),
                 ]),
+                ..SandboxConfig::default()
             };
             prepare_at(&sandbox, &resolv, Path::new(SYSCTL_ROOT)).unwrap();
             assert_eq!(nix::unistd::gethostname().unwrap(), "pod-1");

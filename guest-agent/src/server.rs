@@ -220,6 +220,10 @@ fn sandbox_config(
         hostname: (!req.hostname.is_empty()).then(|| req.hostname.clone()),
         dns,
         network: crate::network::SandboxNetwork { interfaces, routes },
+        restored: req.restored,
+        wall_clock_unix_nanos: (req.wall_clock_unix_nanos != 0)
+            .then_some(req.wall_clock_unix_nanos),
+        entropy: req.entropy.clone(),
         sysctls: req
             .sysctls
             .iter()

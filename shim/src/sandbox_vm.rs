@@ -576,6 +576,23 @@ fn network_namespace(spec: &OciSpec, sandbox_id: &str) -> Result<Option<PathBuf>
 
 /// The agent's CreateSandbox: hostname, sysctls and the pod's network as CNI set it
 /// up on the veth.
+/// How many random bytes the host gives a guest's pool.
+const ENTROPY_BYTES: usize = 64;
+
+/// Random bytes from the host's kernel; none if it cannot give them (the guest's
+/// pool then goes on from its own seed).
+fn host_entropy() -> Vec<u8> {
+    let mut bytes = vec![0u8; ENTROPY_BYTES];
+    // SAFETY: getrandom writes at most `bytes.len()` bytes into the buffer it is given,
+    // which lives across the call.
+    let n = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) };
+    if n != bytes.len() as isize {
+        log::warn!("getrandom: {}", std::io::Error::last_os_error());
+        return Vec::new();
+    }
+    bytes
+}
+
 fn sandbox_request(
     sandbox_id: &str,
     spec: &OciSpec,
@@ -584,6 +601,12 @@ fn sandbox_request(
     let mut req = agent_proto::CreateSandboxRequest {
         sandbox_id: sandbox_id.into(),
         hostname: spec.hostname().into(),
+        // The guest's clock and random pool are the host's from here on (a guest
+        // restored from a snapshot has its snapshot's).
+        wall_clock_unix_nanos: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as i64),
+        entropy: host_entropy(),
         ..Default::default()
     };
     req.sysctls.extend(spec.sysctls());

@@ -61,6 +61,14 @@ use peapod_vmm_api::BlockSet;
 use serde_json::json;
 
 const GUEST_CID: u32 = 3;
+const DAY_NANOS: i64 = 86_400_000_000_000;
+
+fn unix_nanos_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as i64
+}
 const MEMORY_MIB: &str = "256";
 const SLOTS: &str = "8";
 /// The serial of the store in slot 0.
@@ -396,9 +404,13 @@ fn the_agent_runs_containers_on_one_vm() {
     );
 
     // (b) The sandbox.
+    // The guest's wall clock is set to the request's (a day ahead of the host's here,
+    // so that it shows), and the host's random bytes go into its pool.
     let mut sandbox = CreateSandboxRequest::new();
     sandbox.sandbox_id = "sandbox-1".into();
     sandbox.hostname = HOSTNAME.into();
+    sandbox.wall_clock_unix_nanos = unix_nanos_now() + DAY_NANOS;
+    sandbox.entropy = vec![0x5a; 64];
     ok("CreateSandbox", conn.create_sandbox(&sandbox));
 
     // (c) c1 on stacked layers and an upper disk, all three regions of one store (as
@@ -711,7 +723,11 @@ fn the_agent_runs_containers_on_one_vm() {
         )?;
         assert_eq!(stats.memory.limit_bytes, 0, "c4 has no limit: {stats:?}");
         assert!(stats.cpu.usage_usec > 0, "c4 used CPU: {stats:?}");
-        assert!(stats.timestamp_unix_nanos > 0, "{stats:?}");
+        let ahead = stats.timestamp_unix_nanos - unix_nanos_now();
+        assert!(
+            (DAY_NANOS - 600_000_000_000..DAY_NANOS + 600_000_000_000).contains(&ahead),
+            "the guest's clock is a day ahead, as CreateSandbox set it: {ahead} ns"
+        );
         Ok((id.to_owned(), started.pid))
     });
     let pids = ok("ListPids c4", conn.list_pids(&AgentConn::container(&c4)));
