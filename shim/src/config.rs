@@ -103,6 +103,13 @@ pub struct Config {
     /// A jailed VMM's uid and gid are this plus its pid: keep
     /// [`jail_id_base`, `jail_id_base` + pid_max) free of other users on the node.
     pub jail_id_base: u32,
+    /// Start pods from templates: snapshots of a guest booted to its agent, one per
+    /// kind of guest (crate::templates). The first pod of a kind boots and leaves one.
+    pub templates: bool,
+    /// Where templates live (on the node's disk: each holds the guest's memory).
+    pub template_dir: PathBuf,
+    /// How many templates are kept; past it the oldest go.
+    pub template_max: usize,
 }
 
 impl Default for Config {
@@ -132,6 +139,9 @@ impl Default for Config {
             vmm_seccomp: true,
             jail: true,
             jail_id_base: DEFAULT_JAIL_ID_BASE,
+            templates: false,
+            template_dir: "/var/lib/peapod/templates".into(),
+            template_max: 8,
         }
     }
 }

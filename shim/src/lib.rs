@@ -36,6 +36,7 @@ pub mod spec;
 pub mod state;
 pub mod stdio;
 pub mod tasks;
+pub mod templates;
 pub mod vmm;
 pub mod volumes;
 
