@@ -27,6 +27,10 @@ pub const KERNEL: &str = "/vmlinux";
 pub const INITRD: &str = "/initrd";
 /// The pod's VM directory (sockets, console), seen from inside.
 pub const RUN_DIR: &str = "/run";
+/// A template to restore (its state and memory, read-only), seen from inside.
+pub const TEMPLATE_DIR: &str = "/template";
+/// Where the VMM writes a template, seen from inside.
+pub const TEMPLATE_OUT_DIR: &str = "/template-out";
 /// Device nodes made in the jail, with the host node whose number they take.
 const DEVICES: &[(&str, &str)] = &[("/dev/kvm", "dev/kvm"), ("/dev/net/tun", "dev/net/tun")];
 
@@ -93,6 +97,12 @@ pub struct JailSpec<'a> {
     pub uid_base: u32,
     pub memory_mib: u64,
     pub vcpus: u32,
+    /// A template to restore: its state and memory files are bound read-only in
+    /// [`TEMPLATE_DIR`].
+    pub template: Option<&'a Path>,
+    /// A directory to write a template into, bound writable at
+    /// [`TEMPLATE_OUT_DIR`] and given to the VMM's uid.
+    pub template_out: Option<&'a Path>,
 }
 
 /// A jail ready to be entered by a forked child: every path and number prepared,
@@ -102,8 +112,9 @@ pub struct Jail {
     binds: Vec<(CString, CString)>,
     devices: Vec<(CString, libc::dev_t)>,
     dirs: Vec<CString>,
-    run_src: CString,
-    run_dst: CString,
+    /// Host directories bound writable (the pod's VM directory first), each given to
+    /// the VMM's uid.
+    writable: Vec<(CString, CString)>,
     uid_base: u32,
     rlimits: [(libc::__rlimit_resource_t, u64); 4],
 }
@@ -157,20 +168,34 @@ impl Jail {
             })?;
         }
         let inside = |p: &str| c_path(&spec.root.join(p.trim_start_matches('/')));
+        let mut binds = vec![
+            (c_path(spec.vmm), inside(VMM)),
+            (c_path(spec.kernel), inside(KERNEL)),
+            (c_path(spec.initrd), inside(INITRD)),
+        ];
+        let mut dirs = vec![inside("dev"), inside("dev/net"), inside(RUN_DIR)];
+        let mut writable = vec![(c_path(spec.run_dir), inside(RUN_DIR))];
+        if let Some(template) = spec.template {
+            dirs.push(inside(TEMPLATE_DIR));
+            for name in [crate::templates::STATE_FILE, crate::templates::MEMORY_FILE] {
+                let file = template.join(name);
+                need(&file, 0o004, "readable", 'r')?;
+                binds.push((c_path(&file), inside(&format!("{TEMPLATE_DIR}/{name}"))));
+            }
+        }
+        if let Some(out) = spec.template_out {
+            dirs.push(inside(TEMPLATE_OUT_DIR));
+            writable.push((c_path(out), inside(TEMPLATE_OUT_DIR)));
+        }
         let vcpus = u64::from(spec.vcpus);
         let address_space =
             spec.memory_mib + ADDRESS_SPACE_MARGIN_MIB + vcpus * ADDRESS_SPACE_PER_VCPU_MIB;
         Ok(Jail {
             root: c_path(spec.root),
-            binds: vec![
-                (c_path(spec.vmm), inside(VMM)),
-                (c_path(spec.kernel), inside(KERNEL)),
-                (c_path(spec.initrd), inside(INITRD)),
-            ],
+            binds,
             devices,
-            dirs: vec![inside("dev"), inside("dev/net"), inside(RUN_DIR)],
-            run_src: c_path(spec.run_dir),
-            run_dst: inside(RUN_DIR),
+            dirs,
+            writable,
             uid_base: spec.uid_base,
             rlimits: [
                 (libc::RLIMIT_NOFILE, MAX_OPEN_FILES),
@@ -234,18 +259,21 @@ impl Jail {
                 libc::close(fd);
                 bind(src, dst, read_only)?;
             }
-            bind(
-                &self.run_src,
-                &self.run_dst,
-                libc::MS_BIND
-                    | libc::MS_REMOUNT
-                    | libc::MS_NOSUID
-                    | libc::MS_NODEV
-                    | libc::MS_NOEXEC,
-            )?;
-            // The directory behind the bind: the VMM makes its sockets there.
-            check(libc::chown(self.run_dst.as_ptr(), id, id))?;
-            check(libc::chmod(self.run_dst.as_ptr(), 0o700))?;
+            for (src, dst) in &self.writable {
+                bind(
+                    src,
+                    dst,
+                    libc::MS_BIND
+                        | libc::MS_REMOUNT
+                        | libc::MS_NOSUID
+                        | libc::MS_NODEV
+                        | libc::MS_NOEXEC,
+                )?;
+                // The directory behind the bind: the VMM makes its sockets (or a
+                // template's files) there.
+                check(libc::chown(dst.as_ptr(), id, id))?;
+                check(libc::chmod(dst.as_ptr(), 0o700))?;
+            }
             // The tmpfs becomes / and the host's tree is let go.
             check(libc::chdir(self.root.as_ptr()))?;
             check(libc::syscall(libc::SYS_pivot_root, c".".as_ptr(), c".".as_ptr()) as i32)?;

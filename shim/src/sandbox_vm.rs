@@ -27,7 +27,8 @@ use crate::network::{self, PodNetwork};
 use crate::port_forward::PortForward;
 use crate::spec::{NetworkNamespace, OciSpec};
 use crate::state::{self, NetworkRecord, VmmRecord};
-use crate::vmm::{self, VmPaths, VmmApi};
+use crate::templates::{self, Builder, Plan};
+use crate::vmm::{self, TemplateUse, VmPaths, VmmApi};
 
 /// The tap in the pod's network namespace.
 const TAP_NAME: &str = "peapod0";
@@ -72,6 +73,10 @@ impl SandboxVm {
     /// its size, network and cgroup; CreateSandbox has run in the guest when it
     /// returns. `data_dir` is the pod's data directory, recorded in `pod_dir` (its
     /// containers make it). Whatever a failed boot made is gone when it returns.
+    ///
+    /// With `templates` on, a VM starts from its kind's template if there is one (a
+    /// template the VMM refuses is removed and the pod boots), and the first VM of a
+    /// kind leaves one (crate::templates).
     pub async fn boot(
         config: &Config,
         pod_dir: PathBuf,
@@ -79,6 +84,47 @@ impl SandboxVm {
         sandbox_id: &str,
         spec: &OciSpec,
     ) -> Result<(Arc<SandboxVm>, mpsc::Receiver<VmEvent>)> {
+        let plan = match config.templates {
+            false => Plan::Boot,
+            true => {
+                let size = config.vm_size(&spec.annotations());
+                let with_card = network_namespace(spec, sandbox_id)?.is_some();
+                match templates::key(config, size, with_card) {
+                    Ok(key) => templates::plan(&config.template_dir, &key),
+                    Err(e) => {
+                        log::warn!("pod {sandbox_id}: no template: {e}");
+                        Plan::Boot
+                    }
+                }
+            }
+        };
+        let start = |plan| Self::start(config, pod_dir.clone(), &data_dir, sandbox_id, spec, plan);
+        match plan {
+            Plan::Restore(dir) => match start(Plan::Restore(dir.clone())).await {
+                Ok(started) => Ok(started),
+                Err(e) => {
+                    log::warn!(
+                        "pod {sandbox_id}: restoring template {}: {e}; it is removed, and the \
+                         pod boots",
+                        dir.display()
+                    );
+                    templates::discard(&dir);
+                    start(Plan::Boot).await
+                }
+            },
+            plan => start(plan).await,
+        }
+    }
+
+    async fn start(
+        config: &Config,
+        pod_dir: PathBuf,
+        data_dir: &Path,
+        sandbox_id: &str,
+        spec: &OciSpec,
+        plan: Plan,
+    ) -> Result<(Arc<SandboxVm>, mpsc::Receiver<VmEvent>)> {
+        let data_dir = data_dir.to_path_buf();
         let fail = |step: &str, e: &dyn std::fmt::Display| ShimError::Boot {
             pod: sandbox_id.into(),
             step: step.into(),
@@ -153,6 +199,11 @@ impl SandboxVm {
             paths: &paths,
             tap: tap_fd.as_ref().zip(mac.as_deref()),
             cgroup: made.cgroup.as_ref(),
+            template: match &plan {
+                Plan::Boot => TemplateUse::None,
+                Plan::Restore(dir) => TemplateUse::Restore(dir),
+                Plan::Build(builder) => TemplateUse::Build(builder.staging()),
+            },
         };
         let vmm = vmm::spawn(&spec_vm).map_err(|e| fail("starting the VMM", &e))?;
         // The VMM holds the tap now: ours would keep it alive after the VMM is gone.
@@ -184,12 +235,18 @@ impl SandboxVm {
             let _ = supervisor_events.send(VmEvent::Exited(status)).await;
         });
         let booted_at = std::time::Instant::now();
+        // A restored agent answers at once; one that does not is given up on soon,
+        // and the pod boots instead.
+        let agent_wait = match &plan {
+            Plan::Restore(_) => config.boot_timeout().min(RESTORE_TIMEOUT),
+            _ => config.boot_timeout(),
+        };
         let api = VmmApi::new(paths.api_socket.clone());
         let started = async {
             api.wait_ready(API_READY)
                 .await
                 .map_err(|e| fail("the VMM API", &e))?;
-            Agent::connect(&paths.vsock_socket, config.boot_timeout())
+            Agent::connect(&paths.vsock_socket, agent_wait)
                 .await
                 .map_err(|e| fail("the guest agent", &e))
         };
@@ -227,11 +284,20 @@ impl SandboxVm {
             Err(e) => return Err(e),
         };
         log::info!(
-            "pod {sandbox_id}: the guest agent answered {:?} after the VMM started",
-            booted_at.elapsed()
+            "pod {sandbox_id}: the guest agent answered {:?} after the VMM started{}",
+            booted_at.elapsed(),
+            match &plan {
+                Plan::Restore(dir) => format!(" from template {}", dir.display()),
+                _ => String::new(),
+            }
         );
+        let restored = matches!(plan, Plan::Restore(_));
+        if let Plan::Build(builder) = plan {
+            make_template(config, &api, builder, sandbox_id).await;
+        }
         agent::forward_log(&paths.vsock_socket, sandbox_id);
-        let req = sandbox_request(sandbox_id, spec, network.as_ref());
+        let mut req = sandbox_request(sandbox_id, spec, network.as_ref());
+        req.restored = restored;
         agent
             .client()
             .create_sandbox(ctx(config.agent_timeout()), &req)
@@ -576,6 +642,34 @@ fn network_namespace(spec: &OciSpec, sandbox_id: &str) -> Result<Option<PathBuf>
 
 /// The agent's CreateSandbox: hostname, sysctls and the pod's network as CNI set it
 /// up on the veth.
+/// Snapshots the VM, whose agent has just answered and which is nobody's pod yet,
+/// into `builder`'s directory and publishes it as its kind's template. A failure
+/// costs only the template: the pod goes on.
+async fn make_template(config: &Config, api: &VmmApi, builder: Builder, pod: &str) {
+    let started = std::time::Instant::now();
+    let dir = vmm::template_out_seen(config, builder.staging());
+    let snapshot = async {
+        api.pause().await?;
+        let written = api.snapshot(dir).await;
+        api.resume().await?;
+        written
+    };
+    match snapshot.await {
+        Ok(()) => match builder.publish(config.template_max) {
+            Ok(dir) => log::info!(
+                "pod {pod}: template {} made in {:?}",
+                dir.display(),
+                started.elapsed()
+            ),
+            Err(e) => log::warn!("pod {pod}: publishing its template: {e}"),
+        },
+        Err(e) => log::warn!("pod {pod}: no template made: {e}"),
+    }
+}
+
+/// How long a VM restored from a template may take to have its agent answer.
+const RESTORE_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// How many random bytes the host gives a guest's pool.
 const ENTROPY_BYTES: usize = 64;
 

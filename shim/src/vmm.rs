@@ -95,6 +95,26 @@ pub struct VmSpec<'a> {
     pub tap: Option<(&'a OwnedFd, &'a str)>,
     /// The VMM's cgroup, if the pod has one.
     pub cgroup: Option<&'a VmmCgroup>,
+    pub template: TemplateUse<'a>,
+}
+
+/// What the VMM does with a template (crate::templates).
+#[derive(Debug, Clone, Copy)]
+pub enum TemplateUse<'a> {
+    None,
+    /// Start from the template in this directory.
+    Restore(&'a Path),
+    /// Boot; a template will be written into this directory (`vm.snapshot`).
+    Build(&'a Path),
+}
+
+/// The directory `vm.snapshot` names, as a VMM started with `spec` sees `staging`.
+pub fn template_out_seen(config: &Config, staging: &Path) -> PathBuf {
+    if config.jail {
+        jail::TEMPLATE_OUT_DIR.into()
+    } else {
+        staging.into()
+    }
 }
 
 /// A started VMM: its pid, and its exit status once it has exited.
@@ -157,6 +177,14 @@ fn command(spec: &VmSpec) -> Result<Command, VmmError> {
             uid_base: c.jail_id_base,
             memory_mib: spec.size.memory_mib,
             vcpus: spec.size.vcpus,
+            template: match spec.template {
+                TemplateUse::Restore(dir) => Some(dir),
+                _ => None,
+            },
+            template_out: match spec.template {
+                TemplateUse::Build(dir) => Some(dir),
+                _ => None,
+            },
         })?)
     } else {
         std::fs::create_dir_all(&p.run_dir).map_err(|source| VmmError::Spawn {
@@ -222,6 +250,9 @@ fn command(spec: &VmSpec) -> Result<Command, VmmError> {
     }
     if !c.vmm_seccomp {
         cmd.arg("--no-seccomp");
+    }
+    if let TemplateUse::Restore(dir) = spec.template {
+        cmd.arg("--restore").arg(seen(dir, jail::TEMPLATE_DIR));
     }
     let tap_fd = spec.tap.map(|(fd, mac)| {
         cmd.arg("--net").arg(format!("fd={TAP_FD},mac={mac}"));
@@ -353,6 +384,11 @@ impl VmmApi {
 
     pub async fn resume(&self) -> Result<(), VmmError> {
         self.call(VmmClient::resume).await
+    }
+
+    /// Writes the paused VM into `dir`, as the VMM sees it.
+    pub async fn snapshot(&self, dir: PathBuf) -> Result<(), VmmError> {
+        self.call(move |c| c.snapshot(&dir)).await
     }
 
     /// One call of the blocking client, off the async threads.

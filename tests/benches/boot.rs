@@ -82,6 +82,8 @@ fn peapod_command(dir: &Path, console: &str, hardening: Hardening) -> Command {
                 uid_base: DEFAULT_JAIL_ID_BASE,
                 memory_mib: MEMORY_MIB,
                 vcpus: 1,
+                template: None,
+                template_out: None,
             })
             .unwrap_or_else(|e| panic!("{e}"));
             let mut c = Command::new(jail::VMM);
