@@ -649,6 +649,81 @@ fn peapod_pod_network_namespace() {
 
 /// Bad input fails the task with an error that names the object and the fix, and
 /// leaves nothing behind: a missing guest kernel, and a pod on the host's network.
+/// (h) Templates: the first pod boots and leaves its kind's template, the second
+/// starts from it (its clock is the host's), and a damaged template is removed and
+/// its pod boots.
+#[test]
+fn peapod_pods_start_from_a_template() {
+    require_kvm();
+    let templates = tempfile::tempdir().unwrap();
+    let dir = templates.path().to_path_buf();
+    let h = Harness::peapod_with(|c| {
+        c.extra.push("templates = true".into());
+        c.extra
+            .push(format!("template_dir = {:?}", dir.display().to_string()));
+    });
+    let made = || -> Vec<std::path::PathBuf> {
+        std::fs::read_dir(&dir)
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.join("vm.state").is_file())
+            .collect()
+    };
+    let started = std::time::Instant::now();
+    let out = h.run_rm_expecting("t1", &["sh", "-c", "echo one"], 0);
+    let booted = started.elapsed();
+    assert_eq!(stdout_of(&out), "one\n", "{}", describe_output(&out));
+    let template = made();
+    assert_eq!(
+        template.len(),
+        1,
+        "the first pod left a template: {template:?}"
+    );
+    let template = template[0].clone();
+    assert!(h.ctd.log_contains("template"), "{}", h.ctd.log_tail());
+
+    let started = std::time::Instant::now();
+    let out = h.run_rm_expecting("t2", &["sh", "-c", "echo two; date +%s"], 0);
+    eprintln!(
+        "figures: ctr run --rm, VM booted (and template made) {:.1} s, VM from the \
+         template {:.1} s",
+        booted.as_secs_f64(),
+        started.elapsed().as_secs_f64()
+    );
+    let text = stdout_of(&out);
+    let (first, guest_now) = text.split_once('\n').expect("two lines");
+    assert_eq!(first, "two", "{}", describe_output(&out));
+    let host_now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let guest_now: i64 = guest_now.trim().parse().expect("date +%s");
+    assert!(
+        (host_now - guest_now).abs() < 600,
+        "the restored guest's clock is the host's: {guest_now} against {host_now}"
+    );
+    let restored = format!("from template {}", template.display());
+    assert!(h.ctd.log_contains(&restored), "{}", h.ctd.log_tail());
+
+    // A damaged template: removed, and its pod boots.
+    let state = template.join("vm.state");
+    let mut bytes = std::fs::read(&state).unwrap();
+    let last = bytes.len() - 2;
+    bytes[last] ^= 1;
+    std::fs::remove_file(&state).unwrap();
+    std::fs::write(&state, bytes).unwrap();
+    let out = h.run_rm_expecting("t3", &["sh", "-c", "echo three"], 0);
+    assert_eq!(stdout_of(&out), "three\n", "{}", describe_output(&out));
+    assert!(!template.exists(), "the damaged template is gone");
+    assert!(
+        h.ctd.log_contains("it is removed, and the pod boots"),
+        "{}",
+        h.ctd.log_tail()
+    );
+    h.finish();
+}
+
 #[test]
 fn peapod_bad_input_is_refused_by_name() {
     let h = Harness::peapod_with(|c| c.kernel = Some("/nonexistent/peapod/vmlinux".into()));
